@@ -1,0 +1,13 @@
+"""lorakit: LoRA fine-tuning for causal language models, in the PEFT adapter format."""
+
+from .lora import (
+    LoraConfig,
+    LoraModel,
+    get_lora_model,
+    get_peft_model_state_dict,
+    set_peft_model_state_dict,
+)
+
+__version__ = "0.1.0"
+
+__all__ = ["LoraConfig", "LoraModel", "get_lora_model", "get_peft_model_state_dict", "set_peft_model_state_dict"]

@@ -1,0 +1,143 @@
+"""Finding the modules a LoraConfig targets and swapping them for LoRA layers in place."""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from .config import DEFAULT_TARGETS, LoraConfig
+from .layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave, is_conv1d
+
+LAYER_PATTERNS = ("layers", "h", "blocks", "layer", "block")
+
+
+def is_linear(module: nn.Module) -> bool:
+    """nn.Linear, transformers' Conv1D, or a quantized linear that keeps in/out features (bitsandbytes, torchao)."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def supported(module: nn.Module) -> bool:
+    return is_linear(module) or isinstance(module, nn.Embedding)
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Distinct last name components of the model's linear layers, for error messages."""
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if is_linear(m)})
+
+
+def _output_head_names(model: nn.Module) -> set[str]:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {name for name, m in model.named_modules() if head is not None and m is head}
+
+
+def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str] | str:
+    """The target list with None (architecture default) and "all-linear" expanded."""
+    targets = config.target_modules
+    if targets is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_TARGETS:
+            raise ValueError(f"target_modules is not set and there is no default for model type {model_type!r}; "
+                             f"linear modules in this model: {', '.join(linear_module_names(model))}")
+        return list(DEFAULT_TARGETS[model_type])
+    if targets == "all-linear":
+        heads = _output_head_names(model)
+        return sorted({name for name, m in model.named_modules()
+                       if (is_linear(m) or isinstance(m, LoraLinear)) and name not in heads
+                       and not _inside_wrapper(model, name)})
+    return targets
+
+
+def _matches(key: str, targets: list[str] | str) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, key) is not None
+    return any(key == t or key.endswith("." + t) for t in targets)
+
+
+def _layer_allowed(key: str, config: LoraConfig) -> bool:
+    if config.layers_to_transform is None:
+        return True
+    patterns = config.layers_pattern or LAYER_PATTERNS
+    patterns = [patterns] if isinstance(patterns, str) else patterns
+    for pattern in patterns:
+        found = re.match(rf".*\.{pattern}\.(\d+)\.", key)
+        if found:
+            return int(found.group(1)) in config.layers_to_transform
+    return False
+
+
+def _inside_wrapper(model: nn.Module, key: str) -> bool:
+    """True for modules that live inside a LoRA layer or a ModulesToSave (base_layer, lora_A, copies)."""
+    parts = key.split(".")
+    module = model
+    for part in parts[:-1]:
+        module = getattr(module, part)
+        if isinstance(module, (LoraLayer, ModulesToSave)):
+            return True
+    return False
+
+
+def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Names of the modules to wrap; one-line errors for an empty match or an unsupported module type."""
+    targets = resolve_targets(model, config)
+    excluded = config.exclude_modules
+    found, unsupported = [], []
+    for key, module in model.named_modules():
+        if not key or not _matches(key, targets) or _inside_wrapper(model, key):
+            continue
+        if excluded and _matches(key, excluded) or not _layer_allowed(key, config):
+            continue
+        (found if supported(module) or isinstance(module, LoraLayer) else unsupported).append(key)
+    if unsupported:
+        kind = type(model.get_submodule(unsupported[0])).__name__
+        raise ValueError(f"target module '{unsupported[0]}' is a {kind}; LoRA wraps Linear, Conv1D and Embedding "
+                         f"layers only (linear modules here: {', '.join(linear_module_names(model))})")
+    if not found:
+        raise ValueError(f"target_modules {config.target_modules!r} matched no module; "
+                         f"linear modules in this model: {', '.join(linear_module_names(model))}")
+    return found
+
+
+def set_submodule(model: nn.Module, key: str, new: nn.Module) -> None:
+    parent_name, _, child = key.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]:
+    """Wrap (or extend) every targeted module with adapter `adapter_name`; returns the wrapped names."""
+    keys = find_targets(model, config)
+    for key in keys:
+        module = model.get_submodule(key)
+        if not isinstance(module, LoraLayer):
+            module = LoraEmbedding(module) if isinstance(module, nn.Embedding) else LoraLinear(module)
+            set_submodule(model, key, module)
+        module.add_adapter(adapter_name, r=config.rank_for(key), lora_alpha=config.alpha_for(key),
+                           lora_dropout=config.lora_dropout, init=config.init_lora_weights,
+                           use_rslora=config.use_rslora, use_dora=config.use_dora)
+    for key in _modules_to_save_keys(model, config):
+        module = model.get_submodule(key)
+        if not isinstance(module, ModulesToSave):
+            module = ModulesToSave(module)
+            set_submodule(model, key, module)
+        module.add_adapter(adapter_name)
+    return keys
+
+
+def _modules_to_save_keys(model: nn.Module, config: LoraConfig) -> list[str]:
+    if not config.modules_to_save:
+        return []
+    keys = [key for key, _ in model.named_modules()
+            if key and _matches(key, config.modules_to_save) and not _inside_wrapper(model, key)]
+    if not keys:
+        raise ValueError(f"modules_to_save {config.modules_to_save!r} matched no module in the model")
+    return keys
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
+    return [(k, m) for k, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+def wrappers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every LoRA layer and ModulesToSave wrapper, with its name."""
+    return [(k, m) for k, m in model.named_modules() if isinstance(m, (LoraLayer, ModulesToSave))]

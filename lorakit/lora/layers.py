@@ -1,0 +1,336 @@
+"""LoRA layers: a wrapped base module plus one or more low-rank adapters.
+
+    y = W0 x + scaling * B A dropout(x),   scaling = lora_alpha / r   (rsLoRA: lora_alpha / sqrt(r))
+
+`lora_A` (r, in) and `lora_B` (out, r) are bias-free nn.Linears kept in ModuleDicts keyed by adapter name, so
+the in-memory key `...q_proj.lora_A.default.weight` is the PEFT file key once the adapter name is dropped.
+One adapter is active at a time; a mixed batch (one adapter per row) goes through `mixed.py`.
+
+DoRA (Liu et al. 2024) rescales each output row: W' = m * (W0 + s B A) / ||W0 + s B A||, the norm detached
+from the graph as the paper (section 4.3) and PEFT do, so it costs no extra backward memory.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import mixed
+from .init import init_embedding, init_plain, init_principal
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 style Conv1D (weight stored (in, out)), recognised without importing transformers."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    """Adapters keep fp32 over a 16-bit or quantized base (PEFT's autocast_adapter_dtype), else the base dtype."""
+    if weight.dtype in (torch.float32, torch.float64):
+        return weight.dtype
+    return torch.float32
+
+
+class LoraLayer(nn.Module):
+    """Bookkeeping shared by the linear and embedding variants: adapters, scaling, merge state."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA: adapter -> module holding `weight` (out,)
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.active_adapter: str | None = None
+        self.disabled = False
+        self.merged_adapters: list[str] = []
+        self.routing: mixed.Routing | None = None  # set only for the duration of a mixed-batch call
+        self._dora_factors: dict[str, torch.Tensor] = {}
+
+    # --- the parts a variant defines -------------------------------------------------------------------------
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """scaling * B A for adapter `name`, in fp32 and in the base weight's layout."""
+        raise NotImplementedError
+
+    def adapter_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def _drop_adapter_params(self, name: str) -> None:
+        raise NotImplementedError
+
+    # --- shared behaviour ------------------------------------------------------------------------------------
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight, so code that reads `module.weight` keeps working on a wrapped module."""
+        return self.base_layer.weight
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def _set_scalars(self, name: str, r: int, lora_alpha: float, use_rslora: bool, dropout: float) -> None:
+        self.r[name] = r
+        self.lora_alpha[name] = lora_alpha
+        self.scaling[name] = lora_alpha / (r**0.5) if use_rslora else lora_alpha / r
+        # nn.Identity when p = 0: no copy of x and no random mask on the hot path
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def _runs_adapter(self) -> bool:
+        return not self.disabled and self.active_adapter is not None and not self.merged
+
+    def merge(self, names: list[str] | None = None, safe_merge: bool = True) -> None:
+        """Add the adapters' deltas to the base weight (fp32 arithmetic). Idempotent; refuses NaN/Inf."""
+        weight = self.base_layer.weight
+        for name in names if names is not None else [self.active_adapter]:
+            if name is None or name in self.merged_adapters:
+                continue
+            merged = self._merged_weight(name, weight.detach().float())
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"merging adapter '{name}' would put NaN/Inf into the weights; nothing was merged")
+            weight.data.copy_(merged.to(weight.dtype))
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Subtract every merged delta again, newest first."""
+        weight = self.base_layer.weight
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            w = weight.detach().float()
+            if name in self._dora_factors:
+                w = w / self._dora_factors.pop(name).view(self._row_view())
+            weight.data.copy_((w - self.delta_weight(name)).to(weight.dtype))
+
+    def _merged_weight(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        merged = w + self.delta_weight(name)
+        if name in self.lora_magnitude_vector:
+            factor = self._dora_scale(name, merged)
+            self._dora_factors[name] = factor
+            merged = merged * factor.view(self._row_view())
+        return merged
+
+    def _row_view(self) -> tuple[int, int]:
+        return (-1, 1)
+
+    def _dora_scale(self, name: str, combined: torch.Tensor) -> torch.Tensor:
+        """m / ||W0 + s B A|| per output row (out,), norm detached (DoRA section 4.3)."""
+        norm = combined.norm(p=2, dim=self._norm_dim()).detach()
+        return self.lora_magnitude_vector[name].weight.float() / norm
+
+    def _norm_dim(self) -> int:
+        return 1
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise ValueError(f"adapter '{name}' is merged; unmerge it before deleting it")
+        self._drop_adapter_params(name)
+        for table in (self.r, self.lora_alpha, self.scaling):
+            table.pop(name, None)
+        self.lora_dropout.pop(name, None)
+        self.lora_magnitude_vector.pop(name, None)
+        if self.active_adapter == name:
+            remaining = self.adapter_names()
+            self.active_adapter = remaining[0] if remaining else None
+
+
+class LoraLinear(LoraLayer):
+    """LoRA around nn.Linear, or around transformers' Conv1D (weight (in, out), fan_in_fan_out)."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.fan_in_fan_out = is_conv1d(base_layer)
+        w = base_layer.weight
+        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_A.keys())
+
+    def add_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0, init: bool | str = True,
+                    use_rslora: bool = False, use_dora: bool = False) -> None:
+        """Create adapter `name` and make it active."""
+        self._set_scalars(name, r, lora_alpha, use_rslora, lora_dropout)
+        w = self.base_layer.weight
+        dtype = adapter_dtype(w)
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=w.device, dtype=dtype)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=w.device, dtype=dtype)
+        if w.device.type != "meta":
+            self._initialise(name, init)
+        if use_dora:
+            magnitude = nn.Module()
+            magnitude.weight = nn.Parameter(torch.empty(self.out_features, device=w.device, dtype=dtype))
+            self.lora_magnitude_vector[name] = magnitude
+            if w.device.type != "meta":
+                self.reset_dora_magnitude(name)
+        self.active_adapter = name
+
+    def _initialise(self, name: str, init: bool | str) -> None:
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        if isinstance(init, str) and (init.startswith("pissa") or init == "olora"):
+            if self.merged:
+                raise ValueError("cannot add a PiSSA/OLoRA adapter while another adapter is merged")
+            lora_A, lora_B, residual = init_principal(self._oriented_weight(), init, self.r[name], self.scaling[name])
+            with torch.no_grad():
+                a.copy_(lora_A)
+                b.copy_(lora_B)
+                weight = self.base_layer.weight
+                weight.copy_((residual.T if self.fan_in_fan_out else residual).to(weight.dtype))
+            return
+        with torch.no_grad():
+            init_plain(a, b, init, self.r[name])
+
+    def reset_dora_magnitude(self, name: str) -> None:
+        """m = ||W0 + s B A|| per output row, so DoRA starts exactly at the LoRA model."""
+        with torch.no_grad():
+            combined = self._oriented_weight() + self._oriented_delta(name)
+            self.lora_magnitude_vector[name].weight.copy_(combined.norm(p=2, dim=1))
+
+    def _drop_adapter_params(self, name: str) -> None:
+        self.lora_A.pop(name, None)
+        self.lora_B.pop(name, None)
+
+    def _oriented_weight(self) -> torch.Tensor:
+        """The base weight as (out, in), fp32."""
+        w = self.base_layer.weight.detach().float()
+        return w.T if self.fan_in_fan_out else w
+
+    def _oriented_delta(self, name: str) -> torch.Tensor:
+        a = self.lora_A[name].weight.float()  # (r, in)
+        b = self.lora_B[name].weight.float()  # (out, r)
+        return (b @ a) * self.scaling[name]  # (out, in)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        delta = self._oriented_delta(name)
+        return delta.T if self.fan_in_fan_out else delta
+
+    def _row_view(self) -> tuple[int, int]:
+        return (1, -1) if self.fan_in_fan_out else (-1, 1)
+
+    def _norm_dim(self) -> int:
+        return 0 if self.fan_in_fan_out else 1
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.routing is not None:
+            return result + mixed.linear_delta(self, x).to(result.dtype)
+        if not self._runs_adapter():
+            return result
+        name = self.active_adapter
+        lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+        dropout = self.lora_dropout[name]
+        x_lora = dropout(x.to(lora_A.weight.dtype))
+        lora_out = lora_B(lora_A(x_lora))  # (..., out)
+        if name in self.lora_magnitude_vector:
+            return self._dora_forward(name, x_lora, result, lora_out, reuse_base=isinstance(dropout, nn.Identity))
+        return result + (lora_out * self.scaling[name]).to(result.dtype)
+
+    def _dora_forward(self, name: str, x: torch.Tensor, result: torch.Tensor, lora_out: torch.Tensor,
+                      reuse_base: bool) -> torch.Tensor:
+        """result + (m/||W'|| - 1) * W0 x + (m/||W'||) * s B A x   (PEFT's formulation)."""
+        weight = self.base_layer.weight
+        lora_weight = self.lora_B[name].weight @ self.lora_A[name].weight  # (out, in)
+        w = weight.T if self.fan_in_fan_out else weight
+        norm = (w.to(lora_weight.dtype) + self.scaling[name] * lora_weight).norm(p=2, dim=1).detach()  # (out,)
+        scale = self.lora_magnitude_vector[name].weight / norm  # (out,)
+        bias = getattr(self.base_layer, "bias", None)
+        if reuse_base:
+            base_out = result if bias is None else result - bias
+        else:
+            base_out = F.linear(x.to(w.dtype), w)
+        dora = (scale - 1) * base_out.to(scale.dtype) + scale * lora_out * self.scaling[name]
+        return result + dora.to(result.dtype)
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA around nn.Embedding: y = E[x] + scaling * (A^T[x]) B^T, with A (r, vocab) and B (dim, r)."""
+
+    def __init__(self, base_layer: nn.Embedding) -> None:
+        super().__init__(base_layer)
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_embedding_A.keys())
+
+    def add_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0, init: bool | str = True,
+                    use_rslora: bool = False, use_dora: bool = False) -> None:
+        if use_dora:
+            raise ValueError("DoRA on embedding layers is not supported; remove the embedding from target_modules")
+        if isinstance(init, str) and init not in ("gaussian",):
+            raise ValueError(f"init_lora_weights={init!r} is not supported on embedding layers")
+        self._set_scalars(name, r, lora_alpha, use_rslora, lora_dropout)
+        w = self.base_layer.weight
+        vocab, dim = w.shape
+        dtype = adapter_dtype(w)
+        self.lora_embedding_A[name] = nn.Parameter(torch.randn(r, vocab, device=w.device, dtype=dtype))
+        self.lora_embedding_B[name] = nn.Parameter(torch.randn(dim, r, device=w.device, dtype=dtype))
+        if w.device.type != "meta":
+            with torch.no_grad():
+                init_embedding(self.lora_embedding_A[name], self.lora_embedding_B[name], init)
+        self.active_adapter = name
+
+    def _drop_adapter_params(self, name: str) -> None:
+        self.lora_embedding_A.pop(name, None)
+        self.lora_embedding_B.pop(name, None)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        a = self.lora_embedding_A[name].float()  # (r, vocab)
+        b = self.lora_embedding_B[name].float()  # (dim, r)
+        return (b @ a).T * self.scaling[name]  # (vocab, dim)
+
+    def _embed(self, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        return F.embedding(ids, table, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq,
+                           base.sparse)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.routing is not None:
+            return result + mixed.embedding_delta(self, x).to(result.dtype)
+        if not self._runs_adapter():
+            return result
+        name = self.active_adapter
+        after_a = self._embed(x, self.lora_embedding_A[name].T)  # (B, T, r)
+        lora_out = after_a @ self.lora_embedding_B[name].T  # (B, T, dim)
+        return result + (lora_out * self.scaling[name]).to(result.dtype)
+
+
+class ModulesToSave(nn.Module):
+    """A module trained in full: the original stays frozen, each adapter owns a trainable copy."""
+
+    def __init__(self, original_module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = original_module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.disabled = False
+        self.routing: mixed.Routing | None = None
+
+    def add_adapter(self, name: str) -> None:
+        import copy
+
+        clone = copy.deepcopy(self.original_module)
+        for p in clone.parameters():
+            p.requires_grad_(True)
+        self.modules_to_save[name] = clone
+        self.active_adapter = name
+
+    def adapter_names(self) -> list[str]:
+        return list(self.modules_to_save.keys())
+
+    def delete_adapter(self, name: str) -> None:
+        self.modules_to_save.pop(name, None)
+        if self.active_adapter == name:
+            self.active_adapter = next(iter(self.modules_to_save), None)
+
+    def current(self) -> nn.Module:
+        if self.disabled or self.active_adapter not in self.modules_to_save:
+            return self.original_module
+        return self.modules_to_save[self.active_adapter]
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.routing is not None:
+            return mixed.modules_to_save_forward(self, x, *args, **kwargs)
+        return self.current()(x, *args, **kwargs)

@@ -1,0 +1,269 @@
+"""LoraModel: a transformers model with LoRA adapters, behind PEFT's method names."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import io, mixed
+from .config import LoraConfig
+from .inject import inject_adapter, lora_layers, set_submodule, wrappers
+from .layers import LoraLayer, ModulesToSave
+
+
+class LoraModel(nn.Module):
+    """Wraps `model` (adapters are injected into it in place) and exposes PEFT's API.
+
+    `lora_model.model` is the transformers model; attribute lookups that LoraModel does not answer fall through
+    to it (config, device, generation_config, ...).
+    """
+
+    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, LoraConfig] = {}
+        self.active_adapter: str | None = None
+        self._initial_factors: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.add_adapter(adapter_name, config)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["model"], name)
+
+    # --- adapters ----------------------------------------------------------------------------------------------
+    def add_adapter(self, adapter_name: str, config: LoraConfig) -> None:
+        """Inject a new adapter and make it the active one."""
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter '{adapter_name}' already exists; delete it first or pick another name")
+        if adapter_name == mixed.BASE:
+            raise ValueError(f"'{mixed.BASE}' is reserved for 'no adapter'")
+        if self.merged and isinstance(config.init_lora_weights, str) and config.init_lora_weights != "gaussian":
+            raise ValueError("unmerge the merged adapter before adding a PiSSA/OLoRA adapter")
+        inject_adapter(self.model, config, adapter_name)
+        self.peft_config[adapter_name] = config
+        if isinstance(config.init_lora_weights, str) and config.init_lora_weights != "gaussian":
+            self._initial_factors[adapter_name] = {
+                key: (m.lora_A[adapter_name].weight.detach().clone(), m.lora_B[adapter_name].weight.detach().clone())
+                for key, m in lora_layers(self.model) if adapter_name in getattr(m, "lora_A", {})}
+        self.set_adapter(adapter_name)
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make `adapter_name` the active adapter; only it trains (unless loaded for inference)."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"unknown adapter '{adapter_name}'; loaded: {', '.join(self.peft_config)}")
+        if self.merged and adapter_name != self.active_adapter:
+            raise ValueError("unmerge the merged adapter (unmerge_adapter()) before switching adapters")
+        self.active_adapter = adapter_name
+        for _, module in wrappers(self.model):
+            module.active_adapter = adapter_name if adapter_name in module.adapter_names() else None
+        self._set_trainable()
+
+    def _set_trainable(self) -> None:
+        """Freeze everything, then unfreeze the active adapter, its modules_to_save and biases per `bias`."""
+        name = self.active_adapter
+        config = self.peft_config[name]
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        if config.inference_mode:
+            return
+        for p in io.adapter_tensors(self.model, name, config.bias).values():
+            p.requires_grad_(True)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self.active_adapter] if self.active_adapter else []
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"unknown adapter '{adapter_name}'; loaded: {', '.join(self.peft_config)}")
+        for _, module in wrappers(self.model):
+            module.delete_adapter(adapter_name)
+        del self.peft_config[adapter_name]
+        self._initial_factors.pop(adapter_name, None)
+        if self.active_adapter == adapter_name:
+            self.active_adapter = next(iter(self.peft_config), None)
+            if self.active_adapter:
+                self.set_adapter(self.active_adapter)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the base model inside the block; a merged adapter is unmerged for it and merged back after."""
+        was_merged = [(m, list(m.merged_adapters)) for _, m in lora_layers(self.model) if m.merged]
+        modules = wrappers(self.model)
+        for m, _ in was_merged:
+            m.unmerge()
+        for _, m in modules:
+            m.disabled = True
+        try:
+            yield
+        finally:
+            for _, m in modules:
+                m.disabled = False
+            for m, names in was_merged:
+                m.merge(names)
+
+    # --- merging -----------------------------------------------------------------------------------------------
+    @property
+    def merged(self) -> bool:
+        return any(m.merged for _, m in lora_layers(self.model))
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = True) -> None:
+        """Fold the active adapter (or `adapter_names`) into the base weights. A no-op when already merged."""
+        names = adapter_names or [self.active_adapter]
+        layers = [m for _, m in lora_layers(self.model)]
+        if safe_merge:  # check every layer first, so a bad delta leaves the whole model unchanged
+            for key, m in lora_layers(self.model):
+                for name in names:
+                    if name in m.adapter_names() and name not in m.merged_adapters:
+                        if not torch.isfinite(m._merged_weight(name, m.base_layer.weight.detach().float())).all():
+                            m._dora_factors.pop(name, None)
+                            raise ValueError(f"merging adapter '{name}' would put NaN/Inf into '{key}'; "
+                                             f"nothing was merged")
+                        m._dora_factors.pop(name, None)
+        for m in layers:
+            m.merge([n for n in names if n in m.adapter_names()], safe_merge=False)
+
+    def unmerge_adapter(self) -> None:
+        for _, m in lora_layers(self.model):
+            m.unmerge()
+
+    def merge_and_unload(self, safe_merge: bool = True, adapter_names: list[str] | None = None) -> nn.Module:
+        """Merge, then return the plain transformers model with no LoRA modules left."""
+        self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        return self.unload()
+
+    def unload(self) -> nn.Module:
+        """Remove every LoRA module without merging; modules_to_save keep the active adapter's copy."""
+        for key, module in wrappers(self.model):
+            if isinstance(module, LoraLayer):
+                set_submodule(self.model, key, module.base_layer)
+            elif isinstance(module, ModulesToSave):
+                set_submodule(self.model, key, module.current())
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        return self.model
+
+    def get_base_model(self) -> nn.Module:
+        return self.model
+
+    @property
+    def base_model(self) -> nn.Module:
+        return self.model
+
+    # --- parameter counts --------------------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts, counted as PEFT counts them (4-bit packed weights x2)."""
+        trainable = total = 0
+        for _, p in self.named_parameters():
+            n = p.numel()
+            if p.__class__.__name__ == "Params4bit":
+                n *= 2 * (p.element_size() if hasattr(p, "element_size") else 1)
+            total += n
+            if p.requires_grad:
+                trainable += n
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # --- running -----------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _routing(self, adapter_names: list[str] | None) -> Iterator[None]:
+        if adapter_names is None:
+            yield
+            return
+        if self.merged:
+            raise ValueError("adapter_names needs unmerged adapters; call unmerge_adapter() first")
+        routing = mixed.Routing.from_adapter_names(list(adapter_names), set(self.peft_config), self.model.device)
+        modules = wrappers(self.model)
+        for _, m in modules:
+            m.routing = routing
+        try:
+            yield
+        finally:
+            for _, m in modules:
+                m.routing = None
+
+    def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """The transformers model's forward; `adapter_names` picks an adapter per batch row."""
+        with self._routing(adapter_names):
+            return self.model(*args, **kwargs)
+
+    def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        with self._routing(adapter_names):
+            return self.model.generate(*args, **kwargs)
+
+    # --- files -------------------------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | Path, selected_adapters: list[str] | None = None) -> None:
+        """PEFT layout: the "default" adapter in `save_directory`, others in sub-folders named after them.
+
+        Adapters initialised with PiSSA/OLoRA are written converted to plain LoRA of rank 2r that applies to the
+        original (untouched) base weights: s B A - s B0 A0 = s [B, -B0] [A; A0].
+        """
+        for name in selected_adapters or list(self.peft_config):
+            target = Path(save_directory) if name == "default" else Path(save_directory) / name
+            config, state = self._exportable(name)
+            io.write_adapter(target, config, state)
+
+    def _exportable(self, name: str) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+        config = self.peft_config[name]
+        state = io.state_dict_for_save(self.model, name, config.bias)
+        initial = self._initial_factors.get(name)
+        if not initial:
+            return dataclasses.replace(config, inference_mode=True), state
+        for key, (a0, b0) in initial.items():
+            a_key, b_key = f"{io.PREFIX}{key}.lora_A.weight", f"{io.PREFIX}{key}.lora_B.weight"
+            state[a_key] = torch.cat([state[a_key], a0.cpu().to(state[a_key].dtype)], dim=0)  # (2r, in)
+            state[b_key] = torch.cat([state[b_key], -b0.cpu().to(state[b_key].dtype)], dim=1)  # (out, 2r)
+        # rank doubles; alpha follows so that the scaling (alpha / r, or alpha / sqrt(r)) is unchanged
+        factor = math.sqrt(2) if config.use_rslora else 2
+        converted = dataclasses.replace(
+            config, r=2 * config.r, lora_alpha=factor * config.lora_alpha, init_lora_weights=True, inference_mode=True,
+            rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
+            alpha_pattern={k: factor * v for k, v in config.alpha_pattern.items()})
+        return converted, state
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str | Path, adapter_name: str = "default",
+                        is_trainable: bool = False, config: LoraConfig | None = None) -> "LoraModel":
+        """Load a PEFT-format adapter directory onto `model`."""
+        file_config, state = io.read_adapter(model_id)
+        config = dataclasses.replace(config or file_config, inference_mode=not is_trainable)
+        lora = cls(model, dataclasses.replace(config, init_lora_weights=_load_init(config)), adapter_name)
+        lora.peft_config[adapter_name] = config
+        io.load_into(lora.model, state, adapter_name, config.bias, source=str(model_id))
+        lora._set_trainable()
+        return lora
+
+    def load_adapter(self, model_id: str | Path, adapter_name: str, is_trainable: bool = False) -> None:
+        """Load another adapter; the active adapter does not change (as in PEFT)."""
+        file_config, state = io.read_adapter(model_id)
+        config = dataclasses.replace(file_config, inference_mode=not is_trainable)
+        active = self.active_adapter
+        self.add_adapter(adapter_name, dataclasses.replace(config, init_lora_weights=_load_init(config)))
+        self.peft_config[adapter_name] = config
+        try:
+            io.load_into(self.model, state, adapter_name, config.bias, source=str(model_id))
+        except Exception:
+            self.delete_adapter(adapter_name)
+            raise
+        self.set_adapter(active)
+
+
+def _load_init(config: LoraConfig) -> bool:
+    """Loading overwrites the factors, so skip PiSSA/OLoRA (they would rewrite the base weights)."""
+    return False if isinstance(config.init_lora_weights, str) and config.init_lora_weights != "gaussian" else True
+
+
+def get_lora_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> LoraModel:
+    """Wrap `model` with a new adapter (PEFT: get_peft_model)."""
+    return LoraModel(model, config, adapter_name)
