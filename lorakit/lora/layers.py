@@ -32,6 +32,11 @@ def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.float32
 
 
+def _discard(table: nn.ModuleDict | nn.ParameterDict, name: str) -> None:
+    if name in table:
+        del table[name]
+
+
 class LoraLayer(nn.Module):
     """Bookkeeping shared by the linear and embedding variants: adapters, scaling, merge state."""
 
@@ -127,8 +132,8 @@ class LoraLayer(nn.Module):
         self._drop_adapter_params(name)
         for table in (self.r, self.lora_alpha, self.scaling):
             table.pop(name, None)
-        self.lora_dropout.pop(name, None)
-        self.lora_magnitude_vector.pop(name, None)
+        _discard(self.lora_dropout, name)
+        _discard(self.lora_magnitude_vector, name)
         if self.active_adapter == name:
             remaining = self.adapter_names()
             self.active_adapter = remaining[0] if remaining else None
@@ -188,8 +193,8 @@ class LoraLinear(LoraLayer):
             self.lora_magnitude_vector[name].weight.copy_(combined.norm(p=2, dim=1))
 
     def _drop_adapter_params(self, name: str) -> None:
-        self.lora_A.pop(name, None)
-        self.lora_B.pop(name, None)
+        _discard(self.lora_A, name)
+        _discard(self.lora_B, name)
 
     def _oriented_weight(self) -> torch.Tensor:
         """The base weight as (out, in), fp32."""
@@ -272,8 +277,8 @@ class LoraEmbedding(LoraLayer):
         self.active_adapter = name
 
     def _drop_adapter_params(self, name: str) -> None:
-        self.lora_embedding_A.pop(name, None)
-        self.lora_embedding_B.pop(name, None)
+        _discard(self.lora_embedding_A, name)
+        _discard(self.lora_embedding_B, name)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         a = self.lora_embedding_A[name].float()  # (r, vocab)
@@ -321,7 +326,7 @@ class ModulesToSave(nn.Module):
         return list(self.modules_to_save.keys())
 
     def delete_adapter(self, name: str) -> None:
-        self.modules_to_save.pop(name, None)
+        _discard(self.modules_to_save, name)
         if self.active_adapter == name:
             self.active_adapter = next(iter(self.modules_to_save), None)
 

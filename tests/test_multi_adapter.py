@@ -1,0 +1,101 @@
+"""Several adapters on one model, and a mixed batch that routes each row to its own adapter."""
+
+import peft
+import pytest
+import torch
+from conftest import VOCAB, make_model
+
+from lorakit import LoraConfig, LoraModel, get_lora_model
+
+CONFIGS = {
+    "a": LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False),
+    "b": LoraConfig(r=8, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False, use_rslora=True),
+    "c": LoraConfig(r=2, lora_alpha=2, target_modules=["embed_tokens", "down_proj"], init_lora_weights=False,
+                    modules_to_save=["lm_head"]),
+}
+
+
+@pytest.fixture
+def three(tmp_path):
+    """One model holding adapters a, b, c; each also saved to disk."""
+    lm = None
+    for i, (name, cfg) in enumerate(CONFIGS.items()):
+        torch.manual_seed(10 + i)
+        if lm is None:
+            lm = get_lora_model(make_model("llama"), cfg, adapter_name=name)
+        else:
+            lm.add_adapter(name, cfg)
+    lm.eval()
+    return lm
+
+
+def single(lm, name, tokens):
+    with torch.no_grad():
+        if name == "__base__":
+            with lm.disable_adapter():
+                return lm(tokens).logits
+        lm.set_adapter(name)
+        return lm(tokens).logits
+
+
+def test_mixed_batch_rows_equal_single_adapter_runs(three):
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(3, VOCAB, (5, 9), generator=g)
+    names = ["a", "__base__", "c", "b", "a"]
+    with torch.no_grad():
+        mixed = three(tokens, adapter_names=names).logits
+    for row, name in enumerate(names):
+        torch.testing.assert_close(mixed[row], single(three, name, tokens[row:row + 1])[0], atol=1e-5, rtol=1e-5)
+
+
+def test_mixed_generate_equals_single_generate(three):
+    g = torch.Generator().manual_seed(6)
+    prompts = torch.randint(3, VOCAB, (4, 6), generator=g)
+    names = ["b", "a", "__base__", "c"]
+    out = three.generate(prompts, adapter_names=names, max_new_tokens=5, do_sample=False)
+    for row, name in enumerate(names):
+        if name == "__base__":
+            with three.disable_adapter():
+                alone = three.generate(prompts[row:row + 1], max_new_tokens=5, do_sample=False)
+        else:
+            three.set_adapter(name)
+            alone = three.generate(prompts[row:row + 1], max_new_tokens=5, do_sample=False)
+        assert torch.equal(out[row], alone[0]), name
+
+
+def test_mixed_batch_matches_peft(three, tmp_path):
+    three.save_pretrained(tmp_path)
+    three.set_adapter("a")
+    theirs = peft.PeftModel.from_pretrained(make_model("llama"), tmp_path / "a", adapter_name="a")
+    theirs.load_adapter(tmp_path / "b", adapter_name="b")  # (PEFT's mixed batch fails on modules_to_save: no "c")
+    tokens = torch.randint(3, VOCAB, (3, 7), generator=torch.Generator().manual_seed(2))
+    names = ["__base__", "a", "b"]
+    with torch.no_grad():
+        torch.testing.assert_close(three(tokens, adapter_names=names).logits,
+                                   theirs(tokens, adapter_names=names).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_load_several_from_disk_and_switch(three, tmp_path, tokens):
+    three.save_pretrained(tmp_path)
+    lm = LoraModel.from_pretrained(make_model("llama"), tmp_path / "a", adapter_name="a")
+    lm.load_adapter(tmp_path / "b", adapter_name="b")
+    assert lm.active_adapter == "a"
+    for name in ("a", "b"):
+        torch.testing.assert_close(single(lm, name, tokens), single(three, name, tokens))
+
+
+def test_mixed_batch_errors(three, tokens):
+    with pytest.raises(ValueError, match="unknown adapter.*zzz"):
+        three(tokens, adapter_names=["a", "zzz"])
+    with pytest.raises(ValueError, match="3 entries but the batch has 2 rows"):
+        three(tokens, adapter_names=["a", "b", "c"])
+    three.set_adapter("a")
+    three.merge_adapter()
+    with pytest.raises(ValueError, match="unmerge"):
+        three(tokens, adapter_names=["a", "b"])
+
+
+def test_dora_adapters_refuse_mixed_batches(tokens):
+    lm = get_lora_model(make_model("llama"), LoraConfig(target_modules=["q_proj"], use_dora=True))
+    with pytest.raises(ValueError, match="DoRA"):
+        lm(tokens, adapter_names=["default", "__base__"])
