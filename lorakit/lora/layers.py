@@ -219,7 +219,8 @@ class LoraLinear(LoraLayer):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         if self.routing is not None:
-            return result + mixed.linear_delta(self, x).to(result.dtype)
+            delta = mixed.linear_delta(self, x)
+            return result if delta is None else result + delta.to(result.dtype)
         if not self._runs_adapter():
             return result
         name = self.active_adapter
@@ -293,7 +294,8 @@ class LoraEmbedding(LoraLayer):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         if self.routing is not None:
-            return result + mixed.embedding_delta(self, x).to(result.dtype)
+            delta = mixed.embedding_delta(self, x)
+            return result if delta is None else result + delta.to(result.dtype)
         if not self._runs_adapter():
             return result
         name = self.active_adapter

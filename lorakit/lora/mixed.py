@@ -59,43 +59,45 @@ def _stack_key(layer: nn.Module, names: tuple[str, ...], tables: tuple[str, str]
     return names, tuple(versions)
 
 
-def _stacks(layer: nn.Module, names: tuple[str, ...], tables: tuple[str, str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A_stack (N+1, R, in), B_stack (N+1, out, R)) with scaling folded into B; zeros where an adapter is absent."""
+def _stacks(layer: nn.Module, names: tuple[str, ...], tables: tuple[str, str]) -> tuple[torch.Tensor, ...] | None:
+    """(A_stack (N+1, R, in), B_stack (N+1, out, R)), scaling folded into B, zeros where an adapter is absent;
+    None when no adapter of the batch lives in this layer."""
     key = _stack_key(layer, names, tables)
     cached = getattr(layer, "_mixed_cache", None)
     if cached is not None and cached[0] == key:
-        return cached[1], cached[2]
+        return cached[1]
     a_table, b_table = (getattr(layer, t) for t in tables)
     if any(n in layer.lora_magnitude_vector for n in names):
         raise ValueError("mixed-batch inference does not support DoRA adapters; merge them or use set_adapter()")
     present = [n for n in names if n in a_table]
-    ref_a = _weight(a_table[present[0]]) if present else None
-    ref_b = _weight(b_table[present[0]]) if present else None
-    rank = max((layer.r[n] for n in present), default=1)
-    a_cols = ref_a.shape[1] if ref_a is not None else 1
-    b_rows = ref_b.shape[0] if ref_b is not None else 1
-    device = ref_a.device if ref_a is not None else layer.base_layer.weight.device
-    dtype = ref_a.dtype if ref_a is not None else torch.float32
-    a_stack = torch.zeros(len(names) + 1, rank, a_cols, device=device, dtype=dtype)
-    b_stack = torch.zeros(len(names) + 1, b_rows, rank, device=device, dtype=dtype)
-    with torch.no_grad():
-        for i, name in enumerate(names):
-            if name in a_table:
-                r = layer.r[name]
-                a_stack[i, :r] = _weight(a_table[name])
-                b_stack[i, :, :r] = _weight(b_table[name]) * layer.scaling[name]
-    layer._mixed_cache = (key, a_stack, b_stack)
-    return a_stack, b_stack
+    stacks = None
+    if present:
+        ref_a, ref_b = _weight(a_table[present[0]]), _weight(b_table[present[0]])
+        rank = max(layer.r[n] for n in present)
+        a_stack = ref_a.new_zeros(len(names) + 1, rank, ref_a.shape[1])
+        b_stack = ref_b.new_zeros(len(names) + 1, ref_b.shape[0], rank)
+        with torch.no_grad():
+            for i, name in enumerate(names):
+                if name in a_table:
+                    r = layer.r[name]
+                    a_stack[i, :r] = _weight(a_table[name])
+                    b_stack[i, :, :r] = _weight(b_table[name]) * layer.scaling[name]
+        stacks = (a_stack, b_stack)
+    layer._mixed_cache = (key, stacks)
+    return stacks
 
 
 def _weight(entry: nn.Module | torch.Tensor) -> torch.Tensor:
     return entry.weight if isinstance(entry, nn.Module) else entry
 
 
-def linear_delta(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Per-row scaling * B A x for a LoraLinear."""
+def linear_delta(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """Per-row scaling * B A x for a LoraLinear (None: no adapter of this batch in this layer)."""
     routing = layer.routing
-    a_stack, b_stack = _stacks(layer, routing.names, ("lora_A", "lora_B"))
+    stacks = _stacks(layer, routing.names, ("lora_A", "lora_B"))
+    if stacks is None:
+        return None
+    a_stack, b_stack = stacks
     slot = routing.rows_for(x.shape[0])
     x3 = x.reshape(x.shape[0], -1, x.shape[-1]).to(a_stack.dtype)  # (B, T, in)
     h = torch.bmm(x3, a_stack[slot].transpose(1, 2))  # (B, T, R)
@@ -103,10 +105,13 @@ def linear_delta(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-def embedding_delta(layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+def embedding_delta(layer: nn.Module, ids: torch.Tensor) -> torch.Tensor | None:
     """Per-row scaling * (A^T[ids]) B^T for a LoraEmbedding; A is (r, vocab), so A^T[ids] is a row lookup."""
     routing = layer.routing
-    a_stack, b_stack = _stacks(layer, routing.names, ("lora_embedding_A", "lora_embedding_B"))
+    stacks = _stacks(layer, routing.names, ("lora_embedding_A", "lora_embedding_B"))
+    if stacks is None:
+        return None
+    a_stack, b_stack = stacks
     slot = routing.rows_for(ids.shape[0])
     ids2 = ids.reshape(ids.shape[0], -1)  # (B, T)
     h = a_stack.transpose(1, 2)[slot[:, None].expand_as(ids2), ids2]  # (B, T, R)
