@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import io, mixed
+from . import combine, io, mixed
 from .config import LoraConfig
-from .inject import inject_adapter, lora_layers, set_submodule, wrappers
+from .inject import inject_adapter, lora_layers, resolve_targets, set_submodule, wrappers
 from .layers import LoraLayer, ModulesToSave
 
 
@@ -47,6 +47,9 @@ class LoraModel(nn.Module):
             raise ValueError(f"'{mixed.BASE}' is reserved for 'no adapter'")
         if self.merged and isinstance(config.init_lora_weights, str) and config.init_lora_weights != "gaussian":
             raise ValueError("unmerge the merged adapter before adding a PiSSA/OLoRA adapter")
+        if config.target_modules is None or config.target_modules == "all-linear":
+            # record what was wrapped, as PEFT does, so the saved config names real modules
+            config = dataclasses.replace(config, target_modules=resolve_targets(self.model, config))
         inject_adapter(self.model, config, adapter_name)
         self.peft_config[adapter_name] = config
         if isinstance(config.init_lora_weights, str) and config.init_lora_weights != "gaussian":
@@ -109,6 +112,13 @@ class LoraModel(nn.Module):
                 m.disabled = False
             for m, names in was_merged:
                 m.merge(names)
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: int | None = None, density: float | None = None,
+                             majority_sign_method: str = "total") -> None:
+        """A new adapter from a weighted combination of loaded ones (PEFT's semantics; see lora/combine.py)."""
+        combine.add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank, density,
+                                     majority_sign_method)
 
     # --- merging -----------------------------------------------------------------------------------------------
     @property
