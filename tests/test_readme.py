@@ -1,0 +1,17 @@
+"""The README's Python example runs as written and prints what the README says."""
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_python_api_example_runs(tmp_path, monkeypatch, capsys):
+    text = README.read_text()
+    code = re.search(r"## Python API.*?```python\n(.*?)```", text, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    claimed = re.search(r"# (trainable params: .*)", code).group(1)
+    assert claimed in printed
+    assert (tmp_path / "my-adapter" / "adapter_model.safetensors").is_file()
