@@ -18,6 +18,8 @@ CASES = [
     ("llama", dict(target_modules=["q_proj"], modules_to_save=["lm_head"])),
     ("llama", dict(target_modules=["embed_tokens", "v_proj"])),
     ("gpt2", dict(target_modules=["c_attn", "c_fc"], bias="lora_only")),
+    ("gpt2", dict(target_modules=["c_attn", "c_proj"], use_dora=True)),
+    ("gemma2", dict(target_modules="all-linear", modules_to_save=["embed_tokens"])),
     ("llama", dict(target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 16})),
 ]
 
