@@ -1,0 +1,89 @@
+"""Export a merged model as a standalone Hugging Face directory that plain `transformers` loads.
+
+Written into a temporary sibling directory and renamed into place at the end, so an interrupted export leaves
+nothing half-written. After writing, the files are loaded back with transformers alone and their logits compared
+with the model the caller had (adapter applied, not merged) on a probe batch.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"export_dtype {name!r} is not one of {', '.join(sorted(set(DTYPES)))}")
+    return DTYPES[name]
+
+
+def check_destination(directory: str | Path, overwrite: bool) -> Path:
+    """Refuse a non-empty destination unless `overwrite`; nothing is touched here."""
+    directory = Path(directory)
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())) and not overwrite:
+        raise FileExistsError(f"export directory '{directory}' is not empty; pass overwrite_output_dir=true "
+                              f"or choose another export_dir")
+    return directory
+
+
+def probe_ids(vocab_size: int, length: int = 16) -> torch.Tensor:
+    """A fixed batch of token ids for the before/after logits comparison."""
+    g = torch.Generator().manual_seed(1234)
+    return torch.randint(0, vocab_size, (2, length), generator=g)
+
+
+@torch.no_grad()
+def logits_on(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    device = next(model.parameters()).device
+    return model(input_ids=ids.to(device)).logits.float().cpu()
+
+
+def export_hf(model: nn.Module, tokenizer, directory: str | Path, dtype: torch.dtype = torch.float32,
+              shard_size_gb: float = 5.0, reference_logits: torch.Tensor | None = None,
+              probe: torch.Tensor | None = None, overwrite: bool = False, tolerance: float | None = None) -> dict:
+    """Save `model` (plain transformers, already merged) + tokenizer to `directory`; returns a report.
+
+    When `reference_logits` (on `probe`) is given, the written model is reloaded with transformers and the largest
+    absolute logits difference is reported as `max_abs_diff`; above `tolerance` the export is refused and nothing
+    is left on disk.
+    """
+    directory = check_destination(directory, overwrite)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        model.to(dtype)
+        if getattr(model.config, "quantization_config", None) is not None:
+            del model.config.quantization_config
+        model.save_pretrained(tmp, max_shard_size=f"{int(shard_size_gb * 1000)}MB", safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        report = {"export_dir": str(directory), "dtype": str(dtype).removeprefix("torch."),
+                  "files": sorted(p.name for p in tmp.iterdir()),
+                  "bytes": sum(p.stat().st_size for p in tmp.iterdir() if p.is_file())}
+        if reference_logits is not None:
+            report["max_abs_diff"] = diff = _reload_and_compare(tmp, probe, reference_logits)
+            if tolerance is not None and diff > tolerance:
+                raise ValueError(f"exported model differs from the adapter model: max |logits diff| {diff:.2e} "
+                                 f"> {tolerance:.0e}; nothing was written")
+        if directory.exists():
+            shutil.rmtree(directory)
+        tmp.rename(directory)
+        return report
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _reload_and_compare(directory: Path, probe: torch.Tensor, reference: torch.Tensor) -> float:
+    """Load the written files with transformers alone (fp32) and compare logits with the reference."""
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    diff = (logits_on(reloaded.eval(), probe) - reference).abs().max().item()
+    del reloaded
+    return diff
