@@ -138,3 +138,9 @@ class TextStream:
             return ""
         new, self.printed = text[self.printed:], len(text)
         return new
+
+    def flush(self) -> str:
+        """Whatever is left at the end, even an incomplete character."""
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        new, self.printed = text[self.printed:], len(text)
+        return new
