@@ -1,0 +1,76 @@
+"""Opening adapter directories: find their base model, load the base once, attach every adapter by name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .lora import LoraConfig, LoraModel
+from .lora.mixed import BASE
+
+
+def parse_adapter_specs(specs: list[str] | str | None) -> list[tuple[str, Path]]:
+    """"dir", "name=dir", or a comma list of them -> [(name, dir)]; names default to the directory name
+    ("default" for a single unnamed adapter, as PEFT names it)."""
+    if not specs:
+        return []
+    items = [s.strip() for spec in ([specs] if isinstance(specs, str) else specs) for s in spec.split(",")]
+    items = [s for s in items if s]
+    pairs = []
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep:
+            name, path = ("default" if len(items) == 1 else Path(item).name), item
+        pairs.append((name, Path(path).expanduser()))
+    names = [n for n, _ in pairs]
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise ValueError(f"adapter name(s) used twice: {', '.join(duplicated)}; name them with NAME=DIR")
+    if BASE in names:
+        raise ValueError(f"'{BASE}' is reserved for 'no adapter'")
+    return pairs
+
+
+def check_adapter_dirs(pairs: list[tuple[str, Path]]) -> dict[str, LoraConfig]:
+    """Read every adapter_config.json up front, so a bad directory fails before any model is loaded."""
+    configs = {}
+    for name, path in pairs:
+        if not path.is_dir():
+            raise FileNotFoundError(f"adapter '{name}': directory '{path}' does not exist")
+        configs[name] = LoraConfig.load(path)
+    return configs
+
+
+def base_model_of(configs: dict[str, LoraConfig], explicit: str | None) -> str | None:
+    """The base to load: the one given, else the adapters' common base_model_name_or_path (None: the default)."""
+    if explicit:
+        return explicit
+    bases = {c.base_model_name_or_path for c in configs.values()}
+    if len(bases) > 1:
+        raise ValueError(f"the adapters were trained on different base models ({', '.join(map(str, bases))}); "
+                         f"pass model_name_or_path to choose one")
+    return bases.pop() if bases else None
+
+
+def load_adapters(model: torch.nn.Module, pairs: list[tuple[str, Path]], is_trainable: bool = False):
+    """Attach the adapters to `model`; returns a LoraModel (first adapter active), or `model` when there are none."""
+    if not pairs:
+        return model
+    (first, first_path), rest = pairs[0], pairs[1:]
+    lora = LoraModel.from_pretrained(model, first_path, adapter_name=first, is_trainable=is_trainable)
+    for name, path in rest:
+        lora.load_adapter(path, adapter_name=name, is_trainable=is_trainable)
+    return lora
+
+
+def open_model(adapter_specs: list[str] | str | None, model_name_or_path: str | None = None,
+               dtype: str = "float32", device: str | None = None):
+    """(model with adapters, tokenizer, adapter names): every check runs before the base model is loaded."""
+    from .models import load_model
+
+    pairs = parse_adapter_specs(adapter_specs)
+    configs = check_adapter_dirs(pairs)
+    base = base_model_of(configs, model_name_or_path)
+    model, tokenizer, _ = load_model(base, dtype=dtype, device=device)
+    return load_adapters(model, pairs), tokenizer, [n for n, _ in pairs]
