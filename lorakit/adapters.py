@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -74,3 +75,13 @@ def open_model(adapter_specs: list[str] | str | None, model_name_or_path: str | 
     base = base_model_of(configs, model_name_or_path)
     model, tokenizer, _ = load_model(base, dtype=dtype, device=device)
     return load_adapters(model, pairs), tokenizer, [n for n, _ in pairs]
+
+
+def use_adapter(model, name: str | None):
+    """Context in which `model` runs adapter `name` on its plain path (`"__base__"`: adapters disabled)."""
+    if not isinstance(model, LoraModel) or name is None:
+        return contextlib.nullcontext()
+    if name == BASE:
+        return model.disable_adapter()
+    model.set_adapter(name)
+    return contextlib.nullcontext()

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from collections.abc import Callable, Iterable
 
+from .adapters import use_adapter
 from .generation import Sampling, TextStream, generate
 from .lora import LoraModel
 from .lora.mixed import BASE
@@ -79,21 +79,12 @@ class ChatSession:
         self.adapter = name
         return f"(adapter: {name})"
 
-    def _adapter_context(self):
-        """The chosen adapter on its plain (single-adapter) path; the base model with adapters disabled."""
-        if not self.adapters:
-            return contextlib.nullcontext()
-        if self.adapter == BASE:
-            return self.model.disable_adapter()
-        self.model.set_adapter(self.adapter)
-        return contextlib.nullcontext()
-
     def answer(self, text: str, write: Callable[[str], None]) -> str:
         """Generate the reply to `text`, streaming it through `write`; Ctrl-C keeps the part already written."""
         self.history.append({"role": "user", "content": text})
         stream = TextStream(self.tokenizer)
         try:
-            with self._adapter_context():
+            with use_adapter(self.model, self.adapter if self.adapters else None):
                 ids = generate(self.model, [self.render(self.messages())], self.sampling, self.stop_ids, self.pad_id,
                                on_token=lambda _, t: write(stream.push(t)))[0]
             write(stream.flush())

@@ -1,0 +1,115 @@
+"""Scoring a base model and its adapters side by side on one data set.
+
+Two kinds of numbers per model: the loss (and perplexity) of the reference answers under teacher forcing, and
+scores of greedy answers to the prompts: exact match, contains-the-answer, ROUGE-L F1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .adapters import use_adapter
+from .chat import chat_prompt_ids, stop_token_ids
+from .generation import Sampling, generate
+from .metrics import contains, exact_match, rouge_l
+
+
+@dataclass
+class EvalItem:
+    """One question: the conversation up to the answer, the reference answer, and the facts it must contain."""
+
+    prompt: list[dict]
+    reference: str
+    answers: list[str] = field(default_factory=list)
+
+
+def items_from_records(records: list[dict]) -> list[EvalItem]:
+    """Records with "messages" (last one the assistant's reference); an "answer" key lists the required facts."""
+    items = []
+    for record in records:
+        messages = record["messages"]
+        if not messages or messages[-1]["role"] != "assistant":
+            continue
+        answer = record.get("answer")
+        answers = [answer] if isinstance(answer, str) else list(answer or [])
+        items.append(EvalItem(messages[:-1], messages[-1]["content"], answers or [messages[-1]["content"]]))
+    return items
+
+
+def generate_answers(model, tokenizer, items: list[EvalItem], max_new_tokens: int = 64, batch_size: int = 16,
+                     render=None) -> list[str]:
+    """Greedy answers, batched by prompt length so little compute goes to padding."""
+    render = render or (lambda messages: chat_prompt_ids(tokenizer, messages))
+    prompts = [render(item.prompt) for item in items]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    stop = stop_token_ids(tokenizer, model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop)
+    answers: list[str] = [""] * len(items)
+    sampling = Sampling(max_new_tokens=max_new_tokens)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        outs = generate(model, [prompts[i] for i in chunk], sampling, stop, pad)
+        for i, ids in zip(chunk, outs):
+            answers[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+    return answers
+
+
+@torch.no_grad()
+def reference_loss(model, examples: list[dict], batch_size: int = 8) -> tuple[float, float]:
+    """Mean token cross-entropy of the labelled tokens (labels != -100) and its perplexity."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        width = max(len(e["input_ids"]) for e in chunk)
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        for row, e in enumerate(chunk):
+            n = len(e["input_ids"])
+            ids[row, :n], labels[row, :n], mask[row, :n] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()  # (B, T, V)
+        target = labels[:, 1:].to(device)  # (B, T-1): position t predicts token t+1
+        total += F.cross_entropy(logits[:, :-1].transpose(1, 2), target, ignore_index=-100, reduction="sum").item()
+        count += int((target != -100).sum())
+    loss = total / max(count, 1)
+    return loss, math.exp(min(loss, 50.0))
+
+
+def score(answers: list[str], items: list[EvalItem]) -> dict[str, float]:
+    n = max(len(items), 1)
+    return {
+        "exact_match": sum(exact_match(a, it.reference) for a, it in zip(answers, items)) / n,
+        "contains": sum(contains(a, it.answers) for a, it in zip(answers, items)) / n,
+        "rouge_l": sum(rouge_l(a, it.reference) for a, it in zip(answers, items)) / n,
+    }
+
+
+def evaluate_models(model, tokenizer, names: list[str], items: list[EvalItem], examples: list[dict] | None = None,
+                    max_new_tokens: int = 64, batch_size: int = 16, render=None) -> list[dict]:
+    """One result row per adapter name ("__base__" = no adapter): scores, loss, and the answers themselves."""
+    rows = []
+    for name in names:
+        with use_adapter(model, name):
+            answers = generate_answers(model, tokenizer, items, max_new_tokens, batch_size, render)
+            row = {"model": name, "n": len(items), **score(answers, items)}
+            if examples:
+                row["loss"], row["perplexity"] = reference_loss(model, examples)
+        row["answers"] = answers
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """A markdown table of the scores, one row per model."""
+    cols = ["model", "n", "contains", "exact_match", "rouge_l", "loss", "perplexity"]
+    cols = [c for c in cols if any(c in r for r in rows)]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = [f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
