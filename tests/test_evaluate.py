@@ -8,8 +8,15 @@ from conftest import make_model
 from torch import nn
 
 from lorakit import LoraConfig, get_lora_model
-from lorakit.evaluate import (EvalItem, evaluate_models, format_table, generate_answers, items_from_records,
-                              reference_loss, score)
+from lorakit.evaluate import (
+    EvalItem,
+    evaluate_models,
+    format_table,
+    generate_answers,
+    items_from_records,
+    reference_loss,
+    score,
+)
 
 
 class Uniform(nn.Module):

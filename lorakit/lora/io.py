@@ -1,7 +1,7 @@
 """The PEFT adapter format: adapter_config.json + adapter_model.safetensors.
 
 File keys are the in-memory names with the adapter name dropped, prefixed with `base_model.model.`:
-    model.layers.0.self_attn.q_proj.lora_A.default.weight  ->  base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight
+    model.layers.0.self_attn.q_proj.lora_A.default.weight  ->  base_model.model.model.layers.0...q_proj.lora_A.weight
     ...q_proj.lora_magnitude_vector.default.weight         ->  ...q_proj.lora_magnitude_vector
     lm_head.modules_to_save.default.weight                  ->  base_model.model.lm_head.weight
 """
@@ -40,8 +40,9 @@ def adapter_tensors(model: nn.Module, adapter_name: str, bias: str) -> dict[str,
                 out[f"{PREFIX}{key}.{name}"] = tensor
         if isinstance(module, LoraLayer) and adapter_name in module.lora_magnitude_vector:
             out[f"{PREFIX}{key}.lora_magnitude_vector"] = module.lora_magnitude_vector[adapter_name].weight
-        if isinstance(module, LoraLayer) and bias == "lora_only" and getattr(module.base_layer, "bias", None) is not None:
-            out[f"{PREFIX}{key}.base_layer.bias"] = module.base_layer.bias
+        own_bias = getattr(module.base_layer, "bias", None) if isinstance(module, LoraLayer) else None
+        if bias == "lora_only" and own_bias is not None:
+            out[f"{PREFIX}{key}.base_layer.bias"] = own_bias
     if bias == "all":
         for name, param in model.named_parameters():
             if name.endswith("bias") and ".lora_" not in name and ".modules_to_save." not in name \

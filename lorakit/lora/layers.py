@@ -146,7 +146,8 @@ class LoraLinear(LoraLayer):
         super().__init__(base_layer)
         self.fan_in_fan_out = is_conv1d(base_layer)
         w = base_layer.weight
-        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
+        in_dim = 0 if self.fan_in_fan_out else 1  # Conv1D stores (in, out), Linear (out, in)
+        self.in_features, self.out_features = w.shape[in_dim], w.shape[1 - in_dim]
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
 
