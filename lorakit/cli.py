@@ -1,0 +1,101 @@
+"""The `lorakit` command: one subcommand per job, each `lorakit JOB [CONFIG.yaml] [key=value ...]`.
+
+Errors a user can fix (bad config, missing data, unknown model, occupied output_dir) print as one
+`lorakit JOB: error: ...` message and exit with status 2 (config) or 1; set LORAKIT_DEBUG=1 for the traceback.
+Ctrl-C during training saves a checkpoint and exits with status 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+USAGE_TRAIN = """usage: lorakit train [CONFIG.yaml] [KEY=VALUE ...]
+
+Train a LoRA adapter (or the full model, or its last layers) on a data set.
+CONFIG.yaml uses LLaMA-Factory's keys; KEY=VALUE pairs override it (values are YAML scalars: 1e-4, true, null).
+
+example:
+  lorakit train examples/llama3_lora_sft.yaml model_name_or_path=/models/llama3 output_dir=saves/run1
+  lorakit train dataset=data/my.jsonl num_train_epochs=2 lora_rank=16
+
+keys (default, then meaning):
+"""
+
+
+def split_train_args(args: list[str]) -> tuple[str | None, list[str]]:
+    """(config path or None, overrides): the config is the first argument that is not KEY=VALUE."""
+    paths = [a for a in args if "=" not in a]
+    overrides = [a for a in args if "=" in a]
+    if len(paths) > 1:
+        raise SystemExit(f"lorakit train: error: more than one config file given: {', '.join(paths)}")
+    return (paths[0] if paths else None), overrides
+
+
+def run_train(args: list[str]) -> int:
+    """`lorakit train`: exit status 0 done, 1 bad input, 2 bad config, 130 interrupted."""
+    if any(a in ("-h", "--help") for a in args):
+        from .train.options import config_help
+
+        print(USAGE_TRAIN + config_help())
+        return 0
+    from .data import DataError
+    from .models import ModelError
+    from .train import CheckpointError, ConfigError, TrainError, load_config, train
+
+    path, overrides = split_train_args(args)
+    try:
+        config, ignored = load_config(path, overrides)
+    except ConfigError as exc:
+        return _fail("train", exc, 2)
+    if ignored:
+        print(f"lorakit train: ignoring keys that change nothing here: {', '.join(ignored)}", file=sys.stderr)
+    try:
+        results = train(config)
+    except (TrainError, DataError, ModelError, CheckpointError, ValueError) as exc:
+        if os.environ.get("LORAKIT_DEBUG"):
+            raise
+        return _fail("train", exc, 1)
+    except KeyboardInterrupt:  # before the loop started, or a second Ctrl-C inside it
+        print("lorakit train: aborted", file=sys.stderr)
+        return 130
+    return 130 if results.get("status") == "interrupted" else 0
+
+
+def _fail(job: str, exc: BaseException, status: int) -> int:
+    text = str(exc).strip() or type(exc).__name__
+    joiner = "\n" if "\n" in text else ""
+    print(f"lorakit {job}: error: {joiner}{text}", file=sys.stderr)
+    return status
+
+
+# Only subcommands that work are listed; each takes its raw arguments and returns an exit status.
+COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
+    "train": (run_train, "train an adapter: lorakit train [CONFIG.yaml] [key=value ...]"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning for causal language models.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, text) in COMMANDS.items():
+        sub.add_parser(name, help=text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0
+    if argv[0] not in COMMANDS:
+        parser.error(f"unknown command {argv[0]!r} (choose from {', '.join(COMMANDS)})")
+    run, _ = COMMANDS[argv[0]]
+    return run(argv[1:])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,5 @@
+"""Exporting merged models and adapters: Hugging Face directories, GGUF."""
+
+from .gguf import write_gguf, write_gguf_lora, write_modelfile
+
+__all__ = ["write_gguf", "write_gguf_lora", "write_modelfile"]

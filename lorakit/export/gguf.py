@@ -1,0 +1,549 @@
+"""GGUF export for llama.cpp and Ollama: a merged model, an adapter on its own, and an Ollama Modelfile.
+
+    write_gguf(merged, tokenizer, "out/model.gguf", quant="q8_0")   # Llama / Mistral / Qwen2 -> one .gguf
+    write_gguf_lora(lora_model, None, None, "out/adapter.gguf")      # for `llama-cli -m model.gguf --lora ...`
+    write_modelfile("out/model.gguf", tokenizer)                     # out/Modelfile for `ollama create`
+
+Tensor names and metadata keys are llama.cpp's (convert_hf_to_gguf.py, convert_lora_to_gguf.py), taken from the
+`gguf` package's constants and TensorNameMap.
+
+Rotary layout. HF Llama rotates the two halves of a head (rotate_half pairs dim i with i + d/2); llama.cpp's
+`llama` architecture rotates adjacent pairs (2i, 2i+1). So q and k get their output rows reordered per head:
+new row 2i = old row i, new row 2i+1 = old row i + d/2 (reshape (heads, 2, d/2, in), swap axes 1 and 2), k with
+the KV head count. llama.cpp runs Qwen2 with NeoX (halves) rotary, so Qwen2 is written as it is. The reordering
+acts on output rows only, so for a LoRA pair it is applied to B (out, r) and B A stays exact.
+
+Types. 1-D tensors and norms stay f32; matrices take `quant`; a q8_0 matrix whose rows are not a multiple of the
+32-value block falls back to f16, as llama.cpp's converter does.
+
+LoRA scale. llama.cpp scales each pair by alpha / r, with r read from the tensor and one `adapter.lora.alpha` per
+file. lorakit's scaling s is alpha / r (rsLoRA: alpha / sqrt(r)) per module. We write alpha_gguf = s * r for the
+config's default rank (rsLoRA: alpha * sqrt(r)); a module whose s * r differs (rank_pattern / alpha_pattern) has
+its B multiplied by s * r / alpha_gguf, so that alpha_gguf / r * B A = s B A for every module.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from torch import nn
+
+from ..lora import LoraConfig
+from ..lora.io import PREFIX, read_adapter
+
+Q = gguf.GGMLQuantizationType
+T = gguf.MODEL_TENSOR
+ARCHITECTURES = {"llama": gguf.MODEL_ARCH.LLAMA, "mistral": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}
+QUANTS = {"f32": (Q.F32, gguf.LlamaFileType.ALL_F32), "f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16),
+          "bf16": (Q.BF16, gguf.LlamaFileType.MOSTLY_BF16), "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0)}
+LORA_QUANTS = ("f32", "f16")
+# pre-tokenizer split regexes (tokenizer.json) -> llama.cpp's `tokenizer.ggml.pre` name
+_CONTRACTIONS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
+_REST = r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_SPLITS = {_CONTRACTIONS + r"\p{N}{1,3}" + _REST: "llama-bpe", _CONTRACTIONS + r"\p{N}" + _REST: "qwen2"}
+_SMOLLM_HEAD = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<repo_name>"]
+
+
+# ---------------------------------------------------------------- the model's numbers
+
+
+@dataclass(frozen=True)
+class Hparams:
+    """What llama.cpp reads from a Llama-family config."""
+
+    arch: gguf.MODEL_ARCH
+    n_layer: int
+    n_embd: int
+    n_ff: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_ctx: int
+    eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+
+    @classmethod
+    def from_config(cls, config) -> "Hparams":
+        """Read a transformers config; an unsupported architecture is a one-line ValueError."""
+        model_type = getattr(config, "model_type", None)
+        if model_type not in ARCHITECTURES:
+            raise ValueError(f"GGUF export does not support model_type '{model_type}'; "
+                             f"supported: {', '.join(ARCHITECTURES)}")
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise ValueError(f"GGUF export: llama.cpp's {model_type} uses SiLU, this model uses {config.hidden_act}")
+        params = dict(getattr(config, "rope_parameters", None) or {})  # transformers 5; 4.x: rope_theta/scaling
+        scaling = params if params.get("rope_type", "default") != "default" else getattr(config, "rope_scaling", None)
+        n_head = config.num_attention_heads
+        return cls(arch=ARCHITECTURES[model_type], n_layer=config.num_hidden_layers, n_embd=config.hidden_size,
+                   n_ff=config.intermediate_size, n_head=n_head,
+                   n_head_kv=getattr(config, "num_key_value_heads", None) or n_head,
+                   head_dim=getattr(config, "head_dim", None) or config.hidden_size // n_head,
+                   n_ctx=config.max_position_embeddings, eps=config.rms_norm_eps,
+                   rope_theta=params.get("rope_theta", getattr(config, "rope_theta", 10000.0)),
+                   rope_scaling=dict(scaling) if scaling else None)
+
+    @property
+    def permutes(self) -> bool:
+        return self.arch == gguf.MODEL_ARCH.LLAMA
+
+
+def permute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Rows of a q/k weight (or bias, or LoRA B) from HF's rotate-half order to llama.cpp's interleaved pairs."""
+    rows = w.shape[0]
+    # (heads, 2, d/2, ...) -> (heads, d/2, 2, ...): row (h, s, i) moves to (h, i, s), i.e. h*d + 2i + s
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _add_hparams(writer: gguf.GGUFWriter, hp: Hparams, n_vocab: int) -> torch.Tensor | None:
+    """Architecture metadata; returns llama3's rope_freqs tensor when the model needs one."""
+    writer.add_context_length(hp.n_ctx)
+    writer.add_embedding_length(hp.n_embd)
+    writer.add_block_count(hp.n_layer)
+    writer.add_feed_forward_length(hp.n_ff)
+    writer.add_head_count(hp.n_head)
+    writer.add_head_count_kv(hp.n_head_kv)
+    writer.add_rope_freq_base(hp.rope_theta)
+    writer.add_layer_norm_rms_eps(hp.eps)
+    writer.add_vocab_size(n_vocab)
+    writer.add_rope_dimension_count(hp.head_dim)
+    if hp.head_dim != hp.n_embd // hp.n_head:  # llama.cpp assumes n_embd / n_head unless told
+        writer.add_key_length(hp.head_dim)
+        writer.add_value_length(hp.head_dim)
+    return _add_rope_scaling(writer, hp)
+
+
+def _add_rope_scaling(writer: gguf.GGUFWriter, hp: Hparams) -> torch.Tensor | None:
+    scaling = hp.rope_scaling
+    kind = scaling and scaling.get("rope_type", scaling.get("type"))
+    if not kind or kind == "default":
+        return None
+    if kind in ("linear", "yarn"):
+        writer.add_rope_scaling_type(gguf.RopeScalingType(kind))
+        writer.add_rope_scaling_factor(float(scaling["factor"]))
+        if kind == "yarn" and scaling.get("original_max_position_embeddings"):
+            writer.add_rope_scaling_orig_ctx_len(int(scaling["original_max_position_embeddings"]))
+        return None
+    if kind == "llama3":
+        return _llama3_rope_factors(hp, scaling)
+    raise ValueError(f"GGUF export: rope scaling '{kind}' has no llama.cpp equivalent (linear, yarn, llama3 have)")
+
+
+def _llama3_rope_factors(hp: Hparams, scaling: dict) -> torch.Tensor:
+    """Llama 3.1's per-frequency divisors, which llama.cpp reads from the `rope_freqs` tensor."""
+    factor, low, high = scaling["factor"], scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+    old_ctx = scaling.get("original_max_position_embeddings", 8192)
+    freqs = 1.0 / hp.rope_theta ** (torch.arange(0, hp.head_dim, 2, dtype=torch.float64) / hp.head_dim)  # (d/2,)
+    wavelen = 2 * math.pi / freqs
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    factors = 1 / ((1 - smooth) / factor + smooth)  # between the two bands: interpolated
+    factors = torch.where(wavelen > old_ctx / low, torch.full_like(freqs, factor), factors)  # long: fully scaled
+    factors = torch.where(wavelen < old_ctx / high, torch.ones_like(freqs), factors)  # short: untouched
+    return factors.float()
+
+
+# ---------------------------------------------------------------- tensors
+
+
+@dataclass
+class _Entry:
+    """One GGUF tensor: its name, the source tensor (HF layout), rows to permute, and the stored type."""
+
+    name: str
+    tensor: torch.Tensor
+    heads: int | None
+    qtype: Q
+
+    def nbytes(self) -> int:
+        return int(np.prod(gguf.quant_shape_to_byte_shape(tuple(self.tensor.shape), self.qtype)))
+
+    def encode(self) -> np.ndarray:
+        """The bytes llama.cpp reads: permuted (llama q/k), then converted or quantised."""
+        w = self.tensor.detach().to("cpu", torch.float32)
+        if self.heads is not None:
+            w = permute_rotary(w, self.heads)
+        array = w.contiguous().numpy()
+        if self.qtype == Q.F32:
+            return array
+        if self.qtype == Q.F16:
+            out = array.astype(np.float16)
+            if not np.isfinite(out).all():
+                raise ValueError(f"GGUF export: '{self.name}' has values beyond float16's range; use bf16 or f32")
+            return out
+        return gguf.quants.quantize(array, self.qtype)
+
+
+def _qtype(name: str, shape: tuple[int, ...], quant: Q) -> Q:
+    """llama.cpp's rule: 1-D and norms in f32; q8_0 only where rows split into whole 32-value blocks, else f16."""
+    if len(shape) == 1 or name.endswith("_norm.weight"):
+        return Q.F32
+    if quant == Q.Q8_0 and shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0]:
+        return Q.F16
+    return quant
+
+
+def _gguf_name(names: gguf.TensorNameMap, hp: Hparams, module: str) -> tuple[T, str] | None:
+    found = names.get_type_and_name(module)
+    if found is None or found[0] not in gguf.MODEL_TENSORS[hp.arch]:
+        return None
+    return found
+
+
+def _rotary_heads(hp: Hparams, kind: T) -> int | None:
+    if hp.permutes and kind == T.ATTN_Q:
+        return hp.n_head
+    if hp.permutes and kind == T.ATTN_K:
+        return hp.n_head_kv
+    return None
+
+
+def _model_entries(model: nn.Module, hp: Hparams, quant: Q) -> list[_Entry]:
+    """Every parameter under its llama.cpp name; a tied output head appears once (as token_embd)."""
+    names = gguf.get_tensor_name_map(hp.arch, hp.n_layer)
+    entries, unknown = [], []
+    for key, param in model.named_parameters():  # remove_duplicate: a tied lm_head is skipped, as llama.cpp does
+        if ".lora_" in key or ".base_layer." in key:
+            raise ValueError(f"GGUF export needs a plain model, but '{key}' is a LoRA parameter; "
+                             f"merge_and_unload() first, or export the adapter with write_gguf_lora")
+        module, suffix = key.rsplit(".", 1)
+        found = _gguf_name(names, hp, module)
+        if found is None:
+            unknown.append(key)
+            continue
+        name = f"{found[1]}.{suffix}"
+        entries.append(_Entry(name, param, _rotary_heads(hp, found[0]), _qtype(name, tuple(param.shape), quant)))
+    if unknown:
+        raise ValueError(f"GGUF export: no llama.cpp tensor for '{unknown[0]}' ({len(unknown)} parameters unmapped)")
+    return entries
+
+
+def _write(writer: gguf.GGUFWriter, entries: list[_Entry], path: Path) -> int:
+    """Header, metadata and tensors into a temporary sibling, renamed into place; one tensor in memory at a time."""
+    for e in entries:
+        writer.add_tensor_info(e.name, tuple(e.tensor.shape), np.dtype(np.float32), e.nbytes(), raw_dtype=e.qtype)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part"
+    try:
+        writer.write_header_to_file(tmp)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for e in entries:
+            writer.write_tensor_data(e.encode())
+        writer.close()
+        os.replace(tmp, path)
+    finally:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+    return path.stat().st_size
+
+
+def write_gguf(model: nn.Module, tokenizer, path: str | Path, quant: str = "f16", name: str | None = None,
+               pre_tokenizer: str | None = None) -> dict:
+    """Write a merged Llama / Mistral / Qwen2 causal LM and its tokenizer as one GGUF file for llama.cpp / Ollama.
+
+    quant: "f32", "f16", "bf16" or "q8_0". pre_tokenizer overrides the detected `tokenizer.ggml.pre`.
+    Returns {"path", "tensors", "bytes", "quant", "architecture", "seconds"}. Nothing is left behind on failure.
+    """
+    start = time.perf_counter()
+    if quant not in QUANTS:
+        raise ValueError(f"GGUF quant '{quant}' is not one of {', '.join(QUANTS)}")
+    if tokenizer is None:
+        raise ValueError("GGUF export needs the tokenizer: llama.cpp and Ollama read the vocabulary from the file")
+    qtype, ftype = QUANTS[quant]
+    hp = Hparams.from_config(model.config)
+    entries = _model_entries(model, hp, qtype)
+    n_vocab = model.get_input_embeddings().weight.shape[0]
+    arch = gguf.MODEL_ARCH_NAMES[hp.arch]
+    writer = gguf.GGUFWriter(None, arch)
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(name or Path(str(getattr(model.config, "name_or_path", "") or "model")).name)
+    rope_freqs = _add_hparams(writer, hp, n_vocab)
+    if rope_freqs is not None:
+        entries.insert(1, _Entry(gguf.TENSOR_NAMES[T.ROPE_FREQS] + ".weight", rope_freqs, None, Q.F32))
+    writer.add_file_type(ftype)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    add_tokenizer(writer, tokenizer, n_vocab, pre_tokenizer)
+    size = _write(writer, entries, Path(path))
+    return {"path": str(path), "tensors": len(entries), "bytes": size, "quant": quant, "architecture": arch,
+            "seconds": round(time.perf_counter() - start, 2)}
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+def _tokenizer_spec(tokenizer) -> dict:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ValueError(f"GGUF export needs a fast (tokenizers) tokenizer, got {type(tokenizer).__name__}")
+    return json.loads(backend.to_str())
+
+
+def _pre_parts(spec: dict) -> list[dict]:
+    pre = spec.get("pre_tokenizer") or {}
+    return pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+
+
+def pre_tokenizer_name(tokenizer) -> str:
+    """llama.cpp's `tokenizer.ggml.pre` for a byte-level BPE tokenizer, from its pre-tokenizer (and vocabulary)."""
+    parts = _pre_parts(_tokenizer_spec(tokenizer))
+    kinds = [p.get("type") for p in parts]
+    splits = [p.get("pattern", {}).get("Regex") for p in parts if p.get("type") == "Split"]
+    if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
+        return "smollm"
+    if len(splits) == 1 and splits[0] in _SPLITS:
+        return _SPLITS[splits[0]]
+    if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
+        # transformers' GGUF loader rebuilds SmolLM's tokenizer without the Digits step; its vocabulary tells
+        head = tokenizer.convert_ids_to_tokens(list(range(len(_SMOLLM_HEAD))))
+        return "smollm" if len(tokenizer) == 49152 and head == _SMOLLM_HEAD else "gpt-2"
+    warnings.warn(f"GGUF export: unknown pre-tokenizer {kinds}; writing 'default' (llama.cpp may split text "
+                  f"differently); pass pre_tokenizer= to choose", stacklevel=3)
+    return "default"
+
+
+def _token_table(tokenizer, spec: dict, n_vocab: int) -> tuple[str, list[str], list[int], list[float] | None]:
+    """(ggml model, tokens, token types, scores): byte-level BPE is "gpt2", sentencepiece-style is "llama"."""
+    model = spec["model"]
+    if model["type"] == "BPE":
+        kind = "llama" if model.get("byte_fallback") else "gpt2"
+    elif model["type"] == "Unigram":
+        kind = "llama"
+    else:
+        raise ValueError(f"GGUF export: tokenizer model '{model['type']}' has no llama.cpp equivalent")
+    vocab = tokenizer.get_vocab()
+    if max(vocab.values()) >= n_vocab:
+        raise ValueError(f"GGUF export: the tokenizer has ids up to {max(vocab.values())} but the embedding only "
+                         f"{n_vocab} rows")
+    tokens = [f"[PAD{i}]" for i in range(n_vocab)]  # rows past the tokenizer, as llama.cpp's converter names them
+    types = [gguf.TokenType.UNUSED] * n_vocab
+    for token, i in vocab.items():
+        tokens[i], types[i] = token, gguf.TokenType.NORMAL
+    for i, added in tokenizer.added_tokens_decoder.items():
+        control = added.special or re.fullmatch(r"<\|.*\|>", added.content)
+        types[i] = gguf.TokenType.CONTROL if control else gguf.TokenType.USER_DEFINED
+    if kind == "gpt2":
+        return kind, tokens, types, None
+    for i, token in enumerate(tokens):
+        if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
+            types[i] = gguf.TokenType.BYTE
+    if tokenizer.unk_token_id is not None:
+        types[tokenizer.unk_token_id] = gguf.TokenType.UNKNOWN
+    if model["type"] == "Unigram":
+        scores = [float(s) for _, s in model["vocab"]] + [0.0] * (n_vocab - len(model["vocab"]))
+    else:  # sentencepiece BPE: a piece's score is minus its rank, which the vocabulary order is
+        scores = [-float(i) if t == gguf.TokenType.NORMAL else 0.0 for i, t in enumerate(types)]
+    return kind, tokens, types, scores
+
+
+def _adds_space_prefix(spec: dict, kind: str) -> bool:
+    parts = _pre_parts(spec)
+    if kind == "gpt2":
+        return any(p.get("type") == "ByteLevel" and p.get("add_prefix_space") for p in parts)
+    normalizer = json.dumps(spec.get("normalizer") or {})
+    return '"Prepend"' in normalizer or any(p.get("type") == "Metaspace" and p.get("prepend_scheme") != "never"
+                                            for p in parts)
+
+
+def add_tokenizer(writer: gguf.GGUFWriter, tokenizer, n_vocab: int, pre_tokenizer: str | None = None) -> None:
+    """Vocabulary, merges, special ids, BOS/EOS flags and chat template under llama.cpp's tokenizer.* keys."""
+    spec = _tokenizer_spec(tokenizer)
+    kind, tokens, types, scores = _token_table(tokenizer, spec, n_vocab)
+    writer.add_tokenizer_model(kind)
+    writer.add_tokenizer_pre(pre_tokenizer or (pre_tokenizer_name(tokenizer) if kind == "gpt2" else "default"))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    if scores is not None:
+        writer.add_token_scores(scores)
+    if kind == "gpt2":
+        writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
+    for key, token_id in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id),
+                          ("unk", tokenizer.unk_token_id), ("pad", tokenizer.pad_token_id)):
+        if token_id is not None:
+            getattr(writer, f"add_{key}_token_id")(token_id)
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]  # what the tokenizer really adds, not its flags
+    writer.add_add_bos_token(tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id])
+    writer.add_add_eos_token(tokenizer.eos_token_id is not None and ids[-1:] == [tokenizer.eos_token_id])
+    writer.add_add_space_prefix(_adds_space_prefix(spec, kind))
+    if isinstance(getattr(tokenizer, "chat_template", None), str):
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+# ---------------------------------------------------------------- the adapter alone
+
+
+def _adapter(lora, config: LoraConfig | None, adapter_name: str) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """(config, PEFT-keyed tensors) from a LoraModel, an adapter directory, or a state dict + config."""
+    if isinstance(lora, (str, Path)):
+        file_config, state = read_adapter(lora)
+        return config or file_config, state
+    if isinstance(lora, dict):
+        if config is None:
+            raise ValueError("write_gguf_lora: a state dict needs its LoraConfig")
+        return config, lora
+    # the tensors save_pretrained writes: PiSSA/OLoRA factors already converted to plain LoRA on the original base
+    return lora._exportable(adapter_name)
+
+
+def _lora_pairs(config: LoraConfig, state: dict[str, torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+    """module path -> [A (r, in), B (out, r)]; adapters llama.cpp cannot carry are refused in one line."""
+    if config.use_dora or any(k.endswith("lora_magnitude_vector") for k in state):
+        raise ValueError("write_gguf_lora: llama.cpp LoRA adapters cannot carry DoRA magnitudes; merge the adapter "
+                         "and export the whole model with write_gguf")
+    pairs: dict[str, list[torch.Tensor]] = {}
+    for key, tensor in state.items():
+        if ".lora_embedding_" in key:
+            raise ValueError(f"write_gguf_lora: '{key}' is an embedding adapter, which llama.cpp LoRA files do not "
+                             f"carry; merge the adapter and export the whole model with write_gguf")
+        if not key.endswith((".lora_A.weight", ".lora_B.weight")):
+            raise ValueError(f"write_gguf_lora: '{key}' (modules_to_save or a trained bias) has no place in a "
+                             f"llama.cpp LoRA file; merge the adapter and export the whole model with write_gguf")
+        module, part = key.removeprefix(PREFIX).rsplit(".", 2)[:2]
+        pairs.setdefault(module, [None, None])[1 if part == "lora_B" else 0] = tensor
+    return pairs
+
+
+def write_gguf_lora(lora, config: LoraConfig | None, base_model, path: str | Path, adapter_name: str = "default",
+                    quant: str = "f32") -> dict:
+    """Write a LoRA adapter as a llama.cpp GGUF adapter (`llama-cli --lora`, Ollama's ADAPTER).
+
+    lora: a LoraModel (config and base_model may be None), an adapter directory, or a PEFT state dict with its
+    `config`. base_model: the HF model or its config (architecture and head counts). quant: "f32" or "f16".
+    Returns {"path", "tensors", "bytes", "quant", "alpha"}.
+    """
+    if quant not in LORA_QUANTS:
+        raise ValueError(f"GGUF LoRA quant '{quant}' is not one of {', '.join(LORA_QUANTS)}")
+    config, state = _adapter(lora, config, adapter_name)
+    if base_model is None and not hasattr(lora, "peft_config"):
+        raise ValueError("write_gguf_lora: pass base_model (the HF model or its config) with a directory or state dict")
+    base = base_model if base_model is not None else lora.model
+    base_config = getattr(base, "config", base)
+    hp = Hparams.from_config(base_config)
+    pairs = _lora_pairs(config, state)
+    if "lm_head" in pairs and getattr(base_config, "tie_word_embeddings", False):
+        raise ValueError("write_gguf_lora: the adapter targets lm_head, which llama.cpp shares with the embeddings "
+                         "in this tied model; merge the adapter and export the whole model with write_gguf")
+    default_scale = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
+    alpha = default_scale * config.r or float(config.r)  # alpha 0 means "scale 1" to llama.cpp: fold 0 into B
+    entries = _lora_entries(pairs, config, hp, alpha, QUANTS[quant][0])
+    arch = gguf.MODEL_ARCH_NAMES[hp.arch]
+    writer = gguf.GGUFWriter(None, arch)
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    writer.add_name(f"{Path(str(config.base_model_name_or_path or 'model')).name} LoRA '{adapter_name}'")
+    writer.add_file_type(QUANTS[quant][1])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    size = _write(writer, entries, Path(path))
+    return {"path": str(path), "tensors": len(entries), "bytes": size, "quant": quant, "alpha": alpha}
+
+
+def _lora_entries(pairs: dict[str, list[torch.Tensor]], config: LoraConfig, hp: Hparams, alpha: float,
+                  qtype: Q) -> list[_Entry]:
+    names = gguf.get_tensor_name_map(hp.arch, hp.n_layer)
+    entries = []
+    for module, (lora_A, lora_B) in pairs.items():
+        found = _gguf_name(names, hp, module)
+        if found is None or lora_A is None or lora_B is None:
+            what = "has no llama.cpp tensor" if found is None else "lacks its lora_A or lora_B"
+            raise ValueError(f"write_gguf_lora: module '{module}' {what}")
+        r = lora_A.shape[0]
+        factor = config.scaling_for(module) * r / alpha  # 1 unless rank/alpha patterns make this module differ
+        lora_B = lora_B.float() * factor if not math.isclose(factor, 1.0, rel_tol=1e-12) else lora_B
+        entries.append(_Entry(f"{found[1]}.weight.lora_a", lora_A, None, qtype))  # (r, in): ggml ne = (in, r)
+        entries.append(_Entry(f"{found[1]}.weight.lora_b", lora_B, _rotary_heads(hp, found[0]), qtype))  # (out, r)
+    return entries
+
+
+# ---------------------------------------------------------------- Ollama
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """An Ollama TEMPLATE (Go template over .Messages), its stop strings, and how it spells a system turn."""
+
+    template: str
+    stops: tuple[str, ...]
+    system_open: str
+    system_close: str
+
+
+CHAT_FORMATS = {
+    "chatml": ChatFormat(
+        "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n",
+        ("<|im_start|>", "<|im_end|>"), "<|im_start|>system\n", "<|im_end|>"),
+    "llama3": ChatFormat(
+        "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>{{ end }}"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n",
+        ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+        "<|start_header_id|>system<|end_header_id|>\n\n", "<|eot_id|>"),
+    "generic": ChatFormat("{{- range .Messages }}{{ .Role }}: {{ .Content }}\n{{ end }}assistant: ",
+                          ("\nuser:",), "system: ", "\n"),
+}
+
+
+def chat_format_kind(chat_template: str | None) -> str:
+    """"chatml", "llama3" or "generic", from the markers a Jinja chat template writes."""
+    template = chat_template or ""
+    if "<|im_start|>" in template:
+        return "chatml"
+    if "<|start_header_id|>" in template:
+        return "llama3"
+    return "generic"
+
+
+def _default_system(tokenizer, fmt: ChatFormat) -> str | None:
+    """The system prompt a chat template inserts when the conversation has none (SmolLM2 does)."""
+    marker = "\x00user\x00"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False,
+                                             add_generation_prompt=True)
+    except Exception:  # a tokenizer without a usable template: no default to carry over
+        return None
+    head = text.split(marker)[0]
+    found = re.search(re.escape(fmt.system_open) + "(.*?)" + re.escape(fmt.system_close), head, re.S)
+    return found.group(1) if found else None
+
+
+def write_modelfile(gguf_path: str | Path, chat: str | object, directory: str | Path | None = None,
+                    adapter: str | Path | None = None, system: str | None = None) -> Path:
+    """Write an Ollama `Modelfile` (FROM, optional ADAPTER, TEMPLATE, SYSTEM, stop parameters); returns its path.
+
+    chat: "chatml", "llama3", "generic", or a tokenizer (its chat template picks the format, its default system
+    prompt and eos token come along). directory defaults to the GGUF's folder; paths are written relative to it.
+    """
+    gguf_path = Path(gguf_path)
+    directory = Path(directory) if directory is not None else gguf_path.parent
+    kind = chat if isinstance(chat, str) else chat_format_kind(getattr(chat, "chat_template", None))
+    if kind not in CHAT_FORMATS:
+        raise ValueError(f"chat format '{kind}' is not one of {', '.join(CHAT_FORMATS)}")
+    fmt = CHAT_FORMATS[kind]
+    stops = list(fmt.stops)
+    if not isinstance(chat, str):
+        system = system if system is not None else _default_system(chat, fmt)
+        eos = getattr(chat, "eos_token", None)
+        stops += [eos] if eos and eos not in stops else []
+
+    def relative(p: str | Path) -> str:
+        rel = Path(os.path.relpath(Path(p).resolve(), directory.resolve())).as_posix()
+        return rel if rel.startswith("..") else f"./{rel}"
+
+    lines = [f"FROM {relative(gguf_path)}"]
+    lines += [f"ADAPTER {relative(adapter)}"] if adapter is not None else []
+    lines.append(f'TEMPLATE """{fmt.template}"""')
+    lines += [f'SYSTEM """{system}"""'] if system else []
+    lines += [f"PARAMETER stop {json.dumps(s)}" for s in stops]
+    directory.mkdir(parents=True, exist_ok=True)
+    out = directory / "Modelfile"
+    out.write_text("\n".join(lines) + "\n")
+    return out

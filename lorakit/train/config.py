@@ -1,0 +1,289 @@
+"""TrainConfig: every `lorakit train` setting, under LLaMA-Factory's key names, with its default and meaning.
+
+Defaults are LLaMA-Factory's (Hugging Face TrainingArguments' where LLaMA-Factory has none), except
+`logging_steps` (10, not 500) and `output_dir` (which they require). `__post_init__` checks types and ranges and
+reports every problem at once; reading YAML and key=value overrides is in `options.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+
+import yaml
+
+STAGES = ("sft", "pt")
+FINETUNING_TYPES = ("lora", "full", "freeze")
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+EVAL_STRATEGIES = ("no", "steps", "epoch")
+SAVE_STRATEGIES = ("no", "steps", "epoch")
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_hf")
+
+
+class ConfigError(ValueError):
+    """A config with problems; `problems` lists every one of them."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        if len(problems) == 1:
+            super().__init__(f"config: {problems[0]}")
+        else:
+            super().__init__(f"config has {len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run; see `config_help()` for the generated reference."""
+
+    # --- model
+    model_name_or_path: str | None = None
+    """Base model: a local Hugging Face directory, a .gguf file, a hub id already in the local cache, or empty for
+    the embedded default (SmolLM2-135M-Instruct)."""
+    quantization_bit: int | None = None
+    """Load the base quantised (QLoRA). Not supported yet: must be empty."""
+    device: str | None = None
+    """lorakit: where to train ("cpu", "cuda", "cuda:1"); empty picks CUDA when present, else the CPU."""
+
+    # --- method
+    stage: str = "sft"
+    """sft (supervised fine-tuning on conversations; loss on assistant replies) or pt (plain text, loss on all)."""
+    do_train: bool = True
+    """Must be true: `lorakit train` trains."""
+    finetuning_type: str = "lora"
+    """lora (train an adapter), full (every weight) or freeze (only the last freeze_trainable_layers layers)."""
+    lora_target: str = "all"
+    """Modules that get LoRA: "all" (every linear layer but the output head) or comma-separated names
+    (q_proj,v_proj)."""
+    lora_rank: int = 8
+    """LoRA rank r: lora_A is (r, in), lora_B is (out, r)."""
+    lora_alpha: float | None = None
+    """LoRA scale numerator, scaling = lora_alpha / r; empty means 2 * lora_rank."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA branch input, in [0, 1)."""
+    use_rslora: bool = False
+    """Rank-stabilised LoRA: scaling = lora_alpha / sqrt(r)."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (DoRA): a trainable magnitude per output row."""
+    pissa_init: bool = False
+    """Initialise A and B from the top-r singular directions of each weight (PiSSA); the saved adapter is
+    converted to plain LoRA for the untouched base."""
+    pissa_iter: int = 16
+    """Subspace iterations of PiSSA's fast SVD; -1 uses the exact SVD."""
+    loraplus_lr_ratio: float | None = None
+    """LoRA+: lora_B learns this many times faster than lora_A (16 is the paper's suggestion); empty is off."""
+    loraplus_lr_embedding: float = 1e-6
+    """LoRA+: learning rate of lora_embedding_B (LoRA on embedding layers)."""
+    additional_target: str | None = None
+    """Comma-separated modules trained in full and saved with the adapter (PEFT modules_to_save), e.g. lm_head."""
+    freeze_trainable_layers: int = 2
+    """freeze: train the last N decoder layers (a negative N: the first N)."""
+    freeze_trainable_modules: str = "all"
+    """freeze: which modules inside those layers train: "all" or comma-separated names (mlp,self_attn)."""
+    freeze_extra_modules: str | None = None
+    """freeze: comma-separated modules outside the layers that also train (embed_tokens,norm)."""
+
+    # --- data
+    dataset: str | None = None
+    """Comma-separated data sets: names registered in dataset_dir/dataset_info.json, or file paths (JSON, JSONL,
+    CSV, parquet; alpaca, sharegpt, OpenAI messages, or text for pt)."""
+    dataset_dir: str = "data"
+    """Folder holding dataset_info.json and the data files."""
+    template: str | None = None
+    """Chat template: empty uses the tokenizer's own; or a built-in name (chatml, llama3, qwen, alpaca, mistral,
+    empty)."""
+    cutoff_len: int = 2048
+    """Longest example in tokens; longer ones are truncated (and counted)."""
+    max_samples: int | None = None
+    """Use at most this many records of each data set."""
+    val_size: float = 0.0
+    """Held-out validation split: a fraction in (0, 1) or a number of examples; 0 for none."""
+    packing: bool | None = None
+    """Pack several examples into each row (attention stays inside each example); empty means true for pt,
+    false for sft."""
+    neat_packing: bool = False
+    """Same as packing: true (lorakit's packing never attends across examples)."""
+    train_on_prompt: bool = False
+    """Also learn the prompt tokens, not only the assistant replies."""
+    disable_shuffling: bool = False
+    """Keep the data order instead of shuffling every epoch."""
+    group_by_length: bool = False
+    """Batch examples of similar length together (batches still come in random order): less padding, less
+    compute. No effect with packing."""
+
+    # --- output
+    output_dir: str = "saves/lorakit"
+    """Where the adapter (or model), checkpoints, metrics and plots go."""
+    overwrite_output_dir: bool = False
+    """Allow an output_dir that holds another run (its checkpoints and metrics are replaced)."""
+    logging_steps: int = 10
+    """Write a line to metrics.jsonl every N optimizer steps."""
+    save_strategy: str = "steps"
+    """When to write checkpoints: steps (every save_steps), epoch, or no."""
+    save_steps: int = 500
+    """Write output_dir/checkpoint-STEP every N optimizer steps."""
+    save_total_limit: int | None = None
+    """Keep only the newest N checkpoints; empty keeps all."""
+    plot_loss: bool = False
+    """Save the loss curve as training_loss.png (and training_eval_loss.png)."""
+
+    # --- training
+    per_device_train_batch_size: int = 8
+    """Examples (rows, when packing) per micro-batch."""
+    per_device_eval_batch_size: int = 8
+    """Examples per evaluation batch."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step; the loss is averaged over all label tokens of the step."""
+    learning_rate: float = 5e-5
+    """Peak learning rate of AdamW."""
+    num_train_epochs: float = 3.0
+    """Passes over the training data (fractions allowed); max_steps wins when set."""
+    max_steps: int = -1
+    """Optimizer steps to run; -1 means num_train_epochs decides."""
+    lr_scheduler_type: str = "linear"
+    """Decay after warmup: linear, cosine, constant (constant_with_warmup is the same)."""
+    warmup_ratio: float = 0.0
+    """Fraction of the steps spent warming the learning rate up from 0."""
+    warmup_steps: int = 0
+    """Warmup steps; wins over warmup_ratio when above 0."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (not applied to biases, norms or DoRA magnitudes)."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_epsilon: float = 1e-8
+    """AdamW epsilon."""
+    optim: str = "adamw_torch"
+    """Optimizer: adamw_torch (adamw_torch_fused and adamw_hf are accepted and mean the same)."""
+    max_grad_norm: float = 1.0
+    """Clip the gradient norm to this; 0 turns clipping off."""
+    bf16: bool = False
+    """bf16 autocast where the hardware runs it natively (CUDA, CPUs with AVX-512-BF16/AMX); else a warning and
+    fp32."""
+    fp16: bool = False
+    """fp16 autocast with loss scaling, CUDA only (elsewhere a warning and fp32)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more compute."""
+    seed: int = 42
+    """Seed for initialisation, shuffling and dropout."""
+    resume_from_checkpoint: str | bool | None = None
+    """Continue a run: a checkpoint directory, or true for the newest checkpoint in output_dir."""
+
+    # --- evaluation
+    eval_strategy: str = "no"
+    """When to evaluate on the validation split: no (only at the end, when there is one), steps, or epoch."""
+    eval_steps: int | None = None
+    """Evaluate every N optimizer steps (eval_strategy: steps); empty means logging_steps."""
+
+    def __post_init__(self) -> None:
+        problems, bad = _type_problems(self)
+        # range checks see the default in place of a value of the wrong type, so they can all run
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        probe = types.SimpleNamespace(**{**vars(self), **{name: defaults[name] for name in bad}})
+        problems += _value_problems(probe)
+        if problems:
+            raise ConfigError(problems)
+        if self.lora_alpha is None:
+            self.lora_alpha = 2 * self.lora_rank
+        if self.packing is None or self.neat_packing:
+            self.packing = self.neat_packing or self.stage == "pt"
+        if self.eval_steps is None:
+            self.eval_steps = self.logging_steps
+
+    @property
+    def lora_targets(self) -> str | list[str]:
+        """lora_target as LoraConfig.target_modules: "all-linear" or a list of names."""
+        return "all-linear" if self.lora_target.strip() == "all" else _split(self.lora_target)
+
+    @property
+    def additional_targets(self) -> list[str] | None:
+        return _split(self.additional_target) or None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML that `lorakit train` reads back."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _split(text: str | None) -> list[str]:
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
+def _type_problems(config: TrainConfig) -> tuple[list[str], list[str]]:
+    """(problems, names of the fields whose value has the wrong type)."""
+    problems, bad = [], []
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(config, f.name)
+        allowed = typing.get_args(hints[f.name]) or (hints[f.name],)
+        if isinstance(value, bool) and bool not in allowed:
+            ok = False  # True is an int to Python, but lora_rank: true is a mistake
+        else:
+            ok = any(isinstance(value, t) or (t is float and isinstance(value, int)) for t in allowed)
+        if not ok:
+            names = " or ".join("empty" if t is type(None) else t.__name__ for t in allowed)
+            problems.append(f"{f.name} must be {names}, got {value!r}")
+            bad.append(f.name)
+    return problems, bad
+
+
+def _value_problems(c) -> list[str]:
+    """Range and consistency checks; every failing one is reported."""
+    checks = [
+        (c.stage in STAGES, f"stage must be one of {', '.join(STAGES)}, got {c.stage!r}"),
+        (c.do_train, "do_train must be true: lorakit train trains (lorakit eval evaluates)"),
+        (c.finetuning_type != "qlora", "finetuning_type qlora is not supported yet"),
+        (c.finetuning_type in FINETUNING_TYPES + ("qlora",),
+         f"finetuning_type must be one of {', '.join(FINETUNING_TYPES)}, got {c.finetuning_type!r}"),
+        (c.quantization_bit is None, "quantization_bit (QLoRA) is not supported yet"),
+        (c.lora_rank > 0, f"lora_rank must be positive, got {c.lora_rank}"),
+        (c.lora_alpha is None or c.lora_alpha > 0, f"lora_alpha must be positive, got {c.lora_alpha}"),
+        (0 <= c.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {c.lora_dropout}"),
+        (c.pissa_iter >= -1, f"pissa_iter must be -1 or more, got {c.pissa_iter}"),
+        (not (c.pissa_init and c.use_dora), "pissa_init cannot be combined with use_dora"),
+        (c.loraplus_lr_ratio is None or c.loraplus_lr_ratio > 0,
+         f"loraplus_lr_ratio must be positive, got {c.loraplus_lr_ratio}"),
+        (bool(_split(c.lora_target)), "lora_target is empty"),
+        (c.freeze_trainable_layers != 0, "freeze_trainable_layers must not be 0"),
+        (bool(_split(c.dataset)), "dataset is required: a registered name or a data file"),
+        (c.cutoff_len >= 2, f"cutoff_len must be at least 2, got {c.cutoff_len}"),
+        (c.max_samples is None or c.max_samples > 0, f"max_samples must be positive, got {c.max_samples}"),
+        (c.val_size >= 0 and (c.val_size < 1 or float(c.val_size).is_integer()),
+         f"val_size must be a fraction in [0, 1) or a whole number of examples, got {c.val_size}"),
+        (bool(str(c.output_dir).strip()), "output_dir is empty"),
+        (c.save_strategy in SAVE_STRATEGIES,
+         f"save_strategy must be one of {', '.join(SAVE_STRATEGIES)}, got {c.save_strategy!r}"),
+        (c.eval_strategy in EVAL_STRATEGIES,
+         f"eval_strategy must be one of {', '.join(EVAL_STRATEGIES)}, got {c.eval_strategy!r}"),
+        (c.eval_strategy == "no" or c.val_size > 0, f"eval_strategy {c.eval_strategy} needs val_size above 0"),
+        (c.lr_scheduler_type in SCHEDULERS,
+         f"lr_scheduler_type must be one of {', '.join(SCHEDULERS)}, got {c.lr_scheduler_type!r}"),
+        (c.optim in OPTIMIZERS, f"optim must be one of {', '.join(OPTIMIZERS)}, got {c.optim!r}"),
+        (c.learning_rate > 0, f"learning_rate must be positive, got {c.learning_rate}"),
+        (c.max_steps > 0 or c.num_train_epochs > 0, "num_train_epochs must be positive (or set max_steps)"),
+        (c.max_steps == -1 or c.max_steps > 0, f"max_steps must be positive or -1, got {c.max_steps}"),
+        (0 <= c.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {c.warmup_ratio}"),
+        (c.warmup_steps >= 0, f"warmup_steps must be 0 or more, got {c.warmup_steps}"),
+        (c.weight_decay >= 0, f"weight_decay must be 0 or more, got {c.weight_decay}"),
+        (0 <= c.adam_beta1 < 1 and 0 <= c.adam_beta2 < 1, "adam_beta1 and adam_beta2 must be in [0, 1)"),
+        (c.adam_epsilon > 0, f"adam_epsilon must be positive, got {c.adam_epsilon}"),
+        (c.max_grad_norm >= 0, f"max_grad_norm must be 0 (off) or more, got {c.max_grad_norm}"),
+        (not (c.bf16 and c.fp16), "bf16 and fp16 are both true; choose one"),
+    ]
+    problems = [message for ok, message in checks if not ok]
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                 "logging_steps", "save_steps"):
+        if getattr(c, name) < 1:
+            problems.append(f"{name} must be at least 1, got {getattr(c, name)}")
+    for name in ("save_total_limit", "eval_steps"):
+        if getattr(c, name) is not None and getattr(c, name) < 1:
+            problems.append(f"{name} must be at least 1 or empty, got {getattr(c, name)}")
+    if c.finetuning_type != "lora":
+        lora_only = {"loraplus_lr_ratio": c.loraplus_lr_ratio is not None, "use_rslora": c.use_rslora,
+                     "use_dora": c.use_dora, "pissa_init": c.pissa_init, "additional_target": bool(c.additional_target)}
+        problems += [f"{k} is only valid with finetuning_type: lora" for k, on in lora_only.items() if on]
+    return problems

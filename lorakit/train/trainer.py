@@ -1,0 +1,390 @@
+"""The training loop: `train(config)` checks, loads, trains, evaluates, checkpoints and saves.
+
+One optimizer step:
+
+    micro-batches = the next gradient_accumulation_steps batches of this epoch (fewer at the epoch's end)
+    N = label tokens in all of them
+    for each micro-batch: loss_sum, _ = causal_lm_loss(...); (loss_sum / N).backward()
+    clip to max_grad_norm; lr = base_lr * schedule(step); AdamW step
+
+so the step's loss is the mean over its label tokens, whatever their split into micro-batches. The data order is
+a pure function of (seed, epoch), which is what lets a resumed run continue from the exact batch it stopped at.
+Ctrl-C finishes nothing half-way: the current step is dropped, a checkpoint of the last complete step is written,
+and the run ends (a second Ctrl-C aborts at once).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..data import batch_order, collate_packed, pad_collate
+from ..device import autocast_dtype, pick_device
+from ..models import load_model
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .loss import IGNORE_INDEX, causal_lm_loss, check_chunked_route, shifted_targets
+from .methods import Trainable, make_optimizer, make_trainable
+from .prepare import Data, clear_previous_run, preflight, prepare_data, steps_per_epoch
+from .report import MetricsLog, human, plot_loss
+from .schedule import get_lr, warmup_steps_for
+
+CONFIG_NAME = "training_args.yaml"
+RESULTS_NAME = "train_results.json"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def say(text: str) -> None:
+    tqdm.write(text, file=sys.stderr)
+
+
+class Interrupt:
+    """Turns the first Ctrl-C into a flag the loop checks between micro-batches; the second one aborts."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> Interrupt:
+        with contextlib.suppress(ValueError):  # signal handlers can only be set from the main thread
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        say("lorakit: interrupted; saving a checkpoint of the last complete step (Ctrl-C again to abort)")
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+class Trainer:
+    """The state of one run and the loop over its optimizer steps."""
+
+    def __init__(self, cfg: TrainConfig, trainable: Trainable, tokenizer, data: Data, device: torch.device,
+                 amp_dtype: torch.dtype | None) -> None:
+        self.cfg, self.trainable, self.tokenizer, self.data = cfg, trainable, tokenizer, data
+        self.model = trainable.model
+        self.device, self.amp_dtype = device, amp_dtype
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.optimizer = make_optimizer(trainable, cfg)
+        self.scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+        self.lengths = [len(it["input_ids"]) for it in data.items]
+        self._orders: dict[int, list[list[int]]] = {}
+        self.n_batches = len(self.epoch_order(0))
+        self.per_epoch = steps_per_epoch(self.n_batches, cfg.gradient_accumulation_steps)
+        self.total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * self.per_epoch)
+        self.warmup = warmup_steps_for(self.total, cfg.warmup_steps, cfg.warmup_ratio)
+        self.step, self.epoch, self.batch_index = 0, 0, 0  # the next step starts at (epoch, batch_index)
+        self.chunked = True
+        self.last: dict = {}  # latest logged metrics
+        self.window = {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}  # since the last metrics line
+        self.run_tokens, self.run_seconds, self.run_losses = 0, 0.0, []  # this process's steps
+
+    # --- data order --------------------------------------------------------------------------------------------
+    def epoch_order(self, epoch: int) -> list[list[int]]:
+        """Item indices of each micro-batch of `epoch`: seeded shuffle, or the file order."""
+        if epoch not in self._orders:
+            bs = self.cfg.per_device_train_batch_size
+            if self.cfg.disable_shuffling:
+                n = len(self.lengths)
+                self._orders[epoch] = [list(range(i, min(i + bs, n))) for i in range(0, n, bs)]
+            else:
+                group = self.cfg.group_by_length and not self.data.packed
+                self._orders[epoch] = batch_order(self.lengths, bs, self.cfg.seed, epoch, group_by_length=group)
+            self._orders.pop(epoch - 2, None)
+        return self._orders[epoch]
+
+    def collate(self, indices: list[int]) -> tuple[dict, int, int]:
+        """(batch on the device, real (non-padding) tokens in it, label tokens in it), counted on the CPU."""
+        chunk = [self.data.items[i] for i in indices]
+        batch = collate_packed(chunk, self.pad_id) if self.data.packed else pad_collate(chunk, self.pad_id)
+        n_labels = int((shifted_targets(batch["labels"], batch.get("position_ids")) != IGNORE_INDEX).sum())
+        on_device = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        return on_device, sum(len(c["input_ids"]) for c in chunk), n_labels
+
+    def next_group(self) -> list[list[int]]:
+        order = self.epoch_order(self.epoch)
+        end = min(self.batch_index + self.cfg.gradient_accumulation_steps, len(order))
+        return order[self.batch_index:end]
+
+    def advance(self, n_micro: int) -> bool:
+        """Move the data position past a finished step; True when that step ended an epoch."""
+        self.batch_index += n_micro
+        if self.batch_index >= self.n_batches:
+            self.epoch, self.batch_index = self.epoch + 1, 0
+            return True
+        return False
+
+    @property
+    def epoch_float(self) -> float:
+        return self.epoch + self.batch_index / self.n_batches
+
+    # --- one step ----------------------------------------------------------------------------------------------
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def train_step(self, interrupt: Interrupt) -> dict | None:
+        """One optimizer step; None when interrupted before it completed (its gradients are dropped)."""
+        lr_scale = get_lr(self.step, 1.0, self.total, self.warmup, self.cfg.lr_scheduler_type)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * lr_scale
+        batches = [self.collate(ix) for ix in self.next_group()]
+        n_labels = max(sum(n for _, _, n in batches), 1)  # the step's loss is the mean over all these tokens
+        loss_sum = torch.zeros((), device=self.device)
+        for batch, _, _ in batches:
+            with self.autocast():
+                part, _ = causal_lm_loss(self.model, batch, chunked=self.chunked)
+            scaled = part / n_labels
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            loss_sum += part.detach()
+            if interrupt.requested:
+                self.optimizer.zero_grad(set_to_none=True)
+                return None
+        grad_norm = self.clip()
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        ended_epoch = self.advance(len(batches))
+        return {"loss": float(loss_sum) / n_labels, "lr": self.cfg.learning_rate * lr_scale, "grad_norm": grad_norm,
+                "tokens": sum(n for _, n, _ in batches), "ended_epoch": ended_epoch}
+
+    def clip(self) -> float:
+        params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        limit = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
+        return float(torch.nn.utils.clip_grad_norm_(params, limit))
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Loss over every label token of the validation split, and its perplexity."""
+        self.model.eval()
+        val = sorted(self.data.val, key=lambda e: len(e["input_ids"]))  # similar lengths together: less padding
+        total, count = 0.0, 0
+        bs = self.cfg.per_device_eval_batch_size
+        for start in range(0, len(val), bs):
+            batch = {k: v.to(self.device) for k, v in pad_collate(val[start:start + bs], self.pad_id).items()}
+            with self.autocast():
+                part, n = causal_lm_loss(self.model, batch, chunked=self.chunked)
+            total, count = total + float(part), count + n
+        self.model.train()
+        loss = total / max(count, 1)
+        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+
+    # --- checkpoints -------------------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"global_step": self.step, "epoch": self.epoch_float, "epoch_index": self.epoch,
+                "batch_in_epoch": self.batch_index, "max_steps": self.total, "batches_per_epoch": self.n_batches,
+                "train_batch_size": self.cfg.per_device_train_batch_size,
+                "gradient_accumulation_steps": self.cfg.gradient_accumulation_steps, "seed": self.cfg.seed,
+                "last_metrics": self.last}
+
+    def save_checkpoint(self) -> Path:
+        schedule = {"step": self.step, "total_steps": self.total, "warmup_steps": self.warmup,
+                    "lr_scheduler_type": self.cfg.lr_scheduler_type}
+        return ckpt.save_checkpoint(self.cfg.output_dir, self.trainable, self.optimizer, self.scaler, schedule,
+                                    self.state(), self.cfg.save_total_limit)
+
+    def resume(self, path: Path) -> None:
+        state = ckpt.load_checkpoint(path, self.trainable, self.optimizer, self.scaler)
+        for key in ("batches_per_epoch", "train_batch_size", "gradient_accumulation_steps", "seed"):
+            mine = self.n_batches if key == "batches_per_epoch" else self.state()[key]
+            if state.get(key, mine) != mine:
+                raise ckpt.CheckpointError(f"{path}: {key} was {state[key]} in that run, {mine} now; resuming "
+                                           "needs the same data and batch settings")
+        self.step, self.epoch, self.batch_index = state["global_step"], state["epoch_index"], state["batch_in_epoch"]
+        self.last = state.get("last_metrics", {})
+        ckpt.restore_rng(path)  # last: nothing after this may draw random numbers before training resumes
+
+    # --- the loop ----------------------------------------------------------------------------------------------
+    def run(self, log: MetricsLog, on_step=None) -> str:
+        """Train up to the last step: "completed", or "interrupted" (after saving a checkpoint)."""
+        bar = tqdm(total=self.total, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                   file=sys.stderr, mininterval=0.5)
+        status = "completed"
+        with Interrupt() as interrupt:
+            try:
+                while self.step < self.total and not interrupt.requested:
+                    t0 = time.perf_counter()
+                    out = self.train_step(interrupt)
+                    if out is None:
+                        break
+                    out["seconds"] = time.perf_counter() - t0
+                    self.show(out, bar)
+                    self.after_step(out, log)
+                    if on_step is not None:
+                        on_step(self)
+            except KeyboardInterrupt:
+                if interrupt.requested:  # the second Ctrl-C: abort without saving
+                    raise
+                interrupt.requested = True  # one that did not come through the handler (e.g. not the main thread)
+                self.optimizer.zero_grad(set_to_none=True)
+            if interrupt.requested:
+                status = "interrupted"
+        bar.close()
+        if status == "interrupted":
+            if self.step > 0:
+                say(f"lorakit: checkpoint saved to {self.save_checkpoint()}; continue with "
+                    f"resume_from_checkpoint=true")
+            else:
+                say("lorakit: interrupted before the first step finished; nothing to save")
+        return status
+
+    def show(self, out: dict, bar: tqdm) -> None:
+        """Progress bar: this step's loss and lr, real (non-padding) input tokens per second of training."""
+        self.run_tokens, self.run_seconds = self.run_tokens + out["tokens"], self.run_seconds + out["seconds"]
+        self.run_losses.append(out["loss"])
+        bar.update(1)
+        bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{out['lr']:.2e}",
+                        tok_s=f"{self.run_tokens / self.run_seconds:.0f}")
+
+    def after_step(self, out: dict, log: MetricsLog) -> None:
+        """Log, evaluate and checkpoint as the config asks."""
+        cfg, w = self.cfg, self.window
+        w["loss"], w["steps"] = w["loss"] + out["loss"], w["steps"] + 1
+        w["tokens"], w["seconds"] = w["tokens"] + out["tokens"], w["seconds"] + out["seconds"]
+        if self.step % cfg.logging_steps == 0 or self.step == self.total:
+            record = {"step": self.step, "epoch": round(self.epoch_float, 4), "loss": round(w["loss"] / w["steps"], 6),
+                      "lr": out["lr"], "grad_norm": round(out["grad_norm"], 6),
+                      "tokens_per_second": round(w["tokens"] / max(w["seconds"], 1e-9), 1)}
+            log.write(record)
+            self.last.update(record)
+            self.window = {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}
+        by_steps = cfg.eval_strategy == "steps" and self.step % cfg.eval_steps == 0
+        if self.data.val and (by_steps or (cfg.eval_strategy == "epoch" and out["ended_epoch"])
+                              or self.step == self.total):
+            metrics = self.evaluate()
+            log.write({"step": self.step, "epoch": round(self.epoch_float, 4), **metrics})
+            self.last.update(metrics)
+            say(f"step {self.step}: eval_loss {metrics['eval_loss']:.4f}, perplexity {metrics['eval_perplexity']:.2f}")
+        if (cfg.save_strategy == "steps" and self.step % cfg.save_steps == 0) or (
+                cfg.save_strategy == "epoch" and out["ended_epoch"]):
+            self.save_checkpoint()
+
+
+# ---------------------------------------------------------------- the whole run
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Non-reentrant checkpointing: works when no input of a checkpointed block requires grad (frozen embeddings)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"gradient_checkpointing: {type(model).__name__} does not support it")
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def pick_precision(device: torch.device, cfg: TrainConfig) -> torch.dtype | None:
+    """The autocast dtype; an unsupported request is reported and falls back to fp32."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dtype = autocast_dtype(device, cfg.bf16, cfg.fp16)
+    for w in caught:
+        say(f"lorakit: warning: {w.message}")
+    return dtype
+
+
+def train(cfg: TrainConfig, on_step=None) -> dict:
+    """Run `lorakit train` for `cfg`; returns the results written to train_results.json.
+
+    Raises TrainError / DataError / ModelError / CheckpointError (one-line messages) before anything is written.
+    `on_step(trainer)` is called after every optimizer step (tests use it).
+    """
+    plan = preflight(cfg)
+    device = pick_device(cfg.device)
+    amp_dtype = pick_precision(device, cfg)
+    say(f"lorakit train: loading {plan.model_path} ...")
+    model, tokenizer, _ = load_model(cfg.model_name_or_path, dtype="float32", device=device)
+    data = prepare_data(cfg, plan.records, tokenizer)
+    seed_everything(cfg.seed)
+    trainable = make_trainable(model, cfg)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    model.config.use_cache = False
+    model.train()
+    trainer = Trainer(cfg, trainable, tokenizer, data, device, amp_dtype)
+    reason = check_chunked_route(model, trainer.collate(trainer.epoch_order(0)[0])[0])
+    trainer.chunked = reason is None
+    if plan.resume:
+        trainer.resume(plan.resume)
+    out = Path(cfg.output_dir)
+    if cfg.overwrite_output_dir and not plan.resume:
+        clear_previous_run(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CONFIG_NAME).write_text(cfg.to_yaml())
+    log = MetricsLog(out, resume_step=trainer.step if plan.resume else None)
+    describe_run(trainer, model, reason, plan.resume)
+    status = trainer.run(log, on_step)
+    if status == "interrupted":
+        return {"status": "interrupted", "global_step": trainer.step}
+    return finish(trainer, out)
+
+
+def describe_run(trainer: Trainer, model, loss_reason: str | None, resume: Path | None) -> None:
+    cfg = trainer.cfg
+    n_params = sum(p.numel() for p in model.parameters())
+    say(f"model: {model.name_or_path} ({human(n_params)} parameters) on {trainer.device}")
+    say(trainer.data.describe(cfg))
+    say(f"method: {trainer.trainable.summary}")
+    say(trainer.trainable.counts_line())
+    precision = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}[trainer.amp_dtype]
+    loss = "head on label tokens only, chunked" if loss_reason is None else f"model's own logits ({loss_reason})"
+    checkpointing = "on" if cfg.gradient_checkpointing else "off"
+    say(f"precision: {precision}; loss: {loss}; gradient checkpointing: {checkpointing}")
+    epochs = f"{cfg.num_train_epochs:g} epochs x " if cfg.max_steps <= 0 else "max_steps; "
+    say(f"steps: {trainer.total} = {epochs}{trainer.per_epoch} steps/epoch ({trainer.n_batches} batches of "
+        f"{cfg.per_device_train_batch_size}, accumulation {cfg.gradient_accumulation_steps}); warmup "
+        f"{trainer.warmup}; lr {cfg.learning_rate:g} {cfg.lr_scheduler_type}")
+    if resume:
+        say(f"resuming from {resume} at step {trainer.step} (epoch {trainer.epoch_float:.2f})")
+    say(f"output: {cfg.output_dir}")
+
+
+def finish(trainer: Trainer, out: Path) -> dict:
+    """Final adapter (or model) + tokenizer + results + plots into output_dir."""
+    ckpt.save_weights(trainer.trainable, out)
+    trainer.tokenizer.save_pretrained(out)
+    seconds = max(trainer.run_seconds, 1e-9)
+    results = {"status": "completed", "global_step": trainer.step, "epoch": round(trainer.epoch_float, 4),
+               "train_loss": (sum(trainer.run_losses) / len(trainer.run_losses)) if trainer.run_losses else None,
+               "train_runtime": round(trainer.run_seconds, 3),
+               "train_steps_per_second": round(len(trainer.run_losses) / seconds, 4),
+               "train_tokens_per_second": round(trainer.run_tokens / seconds, 1)}
+    results.update({k: v for k, v in trainer.last.items() if k.startswith("eval_")})
+    (out / RESULTS_NAME).write_text(json.dumps(results, indent=2) + "\n")
+    (out / ckpt.STATE_NAME).write_text(json.dumps(trainer.state(), indent=2) + "\n")
+    plots = plot_loss(out) if trainer.cfg.plot_loss else []
+    what = "adapter" if trainer.trainable.lora is not None else "model"
+    loss = f", train loss {results['train_loss']:.4f}" if results["train_loss"] is not None else ""
+    plotted = f"; plots: {', '.join(p.name for p in plots)}" if plots else ""
+    say(f"saved {what} to {out} ({trainer.step} steps{loss}, {results['train_tokens_per_second']:.0f} tokens/s)"
+        f"{plotted}")
+    return results

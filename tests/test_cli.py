@@ -1,0 +1,50 @@
+"""The `lorakit` command line: subcommands, generated help, config errors and their exit status."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from lorakit.cli import COMMANDS, main, split_train_args
+from lorakit.train import TrainConfig
+
+
+def test_no_arguments_lists_the_working_subcommands(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert "train" in out and set(COMMANDS) == {"train"}
+
+
+def test_unknown_subcommand_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["trian"])
+    assert info.value.code == 2 and "unknown command 'trian'" in capsys.readouterr().err
+
+
+def test_train_help_documents_every_key(capsys):
+    assert main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: lorakit train [CONFIG.yaml] [KEY=VALUE ...]")
+    for f in dataclasses.fields(TrainConfig):
+        assert f"  {f.name} = " in out
+
+
+def test_config_errors_exit_2_all_at_once(capsys):
+    assert main(["train", "lora_rnak=4", "learning_rate=abc"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lorakit train: error: \nconfig has 3 problems")
+    assert "did you mean 'lora_rank'" in err and "learning_rate must be float" in err and "dataset is required" in err
+
+
+def test_single_config_problem_is_one_line(capsys, tmp_path):
+    assert main(["train", str(tmp_path / "missing.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "missing.yaml' not found" in err
+
+
+def test_config_path_and_overrides_are_told_apart():
+    assert split_train_args(["run.yaml", "lora_rank=4", "bf16=true"]) == ("run.yaml", ["lora_rank=4", "bf16=true"])
+    assert split_train_args(["lora_rank=4"]) == (None, ["lora_rank=4"])
+    with pytest.raises(SystemExit, match="more than one config file"):
+        split_train_args(["a.yaml", "b.yaml"])
