@@ -26,13 +26,15 @@ def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     return list(out)
 
 
-def stop_token_ids(tokenizer, model) -> set[int]:
-    """eos of the tokenizer and of the generation config, plus the usual end-of-turn tokens that exist."""
+def stop_token_ids(tokenizer, model, stop_words: list[str] | tuple[str, ...] = ()) -> set[int]:
+    """eos of the tokenizer and of the generation config, the usual end-of-turn tokens that exist, and the
+    template's stop words that are single tokens (e.g. a built-in template's `<|eot_id|>`)."""
     ids = {tokenizer.eos_token_id}
     config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids.update(config_eos if isinstance(config_eos, list) else [config_eos])
     vocab = tokenizer.get_vocab()
-    ids.update(vocab[t] for t in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>") if t in vocab)
+    ends = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>", *stop_words)
+    ids.update(vocab[t] for t in ends if t in vocab)
     return {i for i in ids if i is not None}
 
 
@@ -40,12 +42,14 @@ class ChatSession:
     """One conversation; `render(messages) -> ids` applies the chat template."""
 
     def __init__(self, model, tokenizer, sampling: Sampling, render: Callable[[list[dict]], list[int]] | None = None,
-                 system: str | None = None, adapter: str | None = None) -> None:
+                 system: str | None = None, adapter: str | None = None, stop_ids: set[int] | None = None,
+                 keep_history: bool = True) -> None:
         self.model, self.tokenizer, self.sampling = model, tokenizer, sampling
         self.render = render or (lambda messages: chat_prompt_ids(tokenizer, messages))
         self.system = system
         self.history: list[dict] = []
-        self.stop_ids = stop_token_ids(tokenizer, model)
+        self.keep_history = keep_history
+        self.stop_ids = stop_ids or stop_token_ids(tokenizer, model)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.stop_ids)
         self.adapters = list(model.peft_config) if isinstance(model, LoraModel) else []
         self.adapter = adapter or (self.adapters[0] if self.adapters else BASE)
@@ -93,6 +97,8 @@ class ChatSession:
             reply = self.tokenizer.decode(stream.ids, skip_special_tokens=True)
             write(stream.flush() + " [stopped]")
         self.history.append({"role": "assistant", "content": reply.strip()})
+        if not self.keep_history:
+            self.history.clear()
         return reply
 
 

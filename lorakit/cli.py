@@ -1,5 +1,6 @@
 """The `lorakit` command: one subcommand per job, each `lorakit JOB [CONFIG.yaml] [key=value ...]`.
 
+Jobs: train, chat, eval, merge (alias export); `lorakit JOB --help` lists each one's keys.
 Errors a user can fix (bad config, missing data, unknown model, occupied output_dir) print as one
 `lorakit JOB: error: ...` message and exit with status 2 (config) or 1; set LORAKIT_DEBUG=1 for the traceback.
 Ctrl-C during training saves a checkpoint and exits with status 130.
@@ -65,15 +66,47 @@ def run_train(args: list[str]) -> int:
 
 
 def _fail(job: str, exc: BaseException, status: int) -> int:
+    """Print `lorakit JOB: error: ...` (one line unless it lists several problems); returns `status`."""
     text = str(exc).strip() or type(exc).__name__
+    if isinstance(exc, OSError) and exc.errno is None and exc.args and isinstance(exc.args[0], str):
+        text = exc.args[0]
     joiner = "\n" if "\n" in text else ""
     print(f"lorakit {job}: error: {joiner}{text}", file=sys.stderr)
     return status
 
 
+def run_chat(args: list[str]) -> int:
+    from .commands.chat import run_chat as run
+
+    return run(args)
+
+
+def run_eval(args: list[str]) -> int:
+    from .commands.evaluate import run_eval as run
+
+    return run(args)
+
+
+def run_merge(args: list[str]) -> int:
+    from .commands.merge import run_merge as run
+
+    return run(args)
+
+
+def run_export(args: list[str]) -> int:
+    from .commands.merge import run_merge as run
+
+    return run(args, job="export")
+
+
 # Only subcommands that work are listed; each takes its raw arguments and returns an exit status.
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "train": (run_train, "train an adapter: lorakit train [CONFIG.yaml] [key=value ...]"),
+    "chat": (run_chat, "chat with a model and its adapters: lorakit chat [CONFIG.yaml] [--adapter DIR] [--prompt T]"),
+    "eval": (run_eval, "score base and adapters side by side: lorakit eval --adapter DIR --dataset DATA"),
+    "merge": (run_merge, "merge adapters into a standalone HF or GGUF model: lorakit merge --adapter DIR "
+                         "--export_dir OUT [--format hf|gguf|gguf-lora]"),
+    "export": (run_export, "same as merge (LLaMA-Factory's name)"),
 }
 
 

@@ -7,6 +7,8 @@ scores of greedy answers to the prompts: exact match, contains-the-answer, ROUGE
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -41,12 +43,12 @@ def items_from_records(records: list[dict]) -> list[EvalItem]:
 
 
 def generate_answers(model, tokenizer, items: list[EvalItem], max_new_tokens: int = 64, batch_size: int = 16,
-                     render=None) -> list[str]:
+                     render=None, stop_ids: set[int] | None = None) -> list[str]:
     """Greedy answers, batched by prompt length so little compute goes to padding."""
     render = render or (lambda messages: chat_prompt_ids(tokenizer, messages))
     prompts = [render(item.prompt) for item in items]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    stop = stop_token_ids(tokenizer, model)
+    stop = stop_ids or stop_token_ids(tokenizer, model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop)
     answers: list[str] = [""] * len(items)
     sampling = Sampling(max_new_tokens=max_new_tokens)
@@ -90,15 +92,24 @@ def score(answers: list[str], items: list[EvalItem]) -> dict[str, float]:
 
 
 def evaluate_models(model, tokenizer, names: list[str], items: list[EvalItem], examples: list[dict] | None = None,
-                    max_new_tokens: int = 64, batch_size: int = 16, render=None) -> list[dict]:
-    """One result row per adapter name ("__base__" = no adapter): scores, loss, and the answers themselves."""
+                    max_new_tokens: int = 64, batch_size: int = 16, render=None, stop_ids: set[int] | None = None,
+                    on_model: Callable[[str], None] | None = None) -> list[dict]:
+    """One result row per adapter name ("__base__" = no adapter): scores, loss, and the answers themselves.
+
+    `render(messages) -> ids` is the chat template (default: the tokenizer's own); `stop_ids` end an answer
+    (default: eos and the usual end-of-turn tokens); `on_model(name)` is called before each model is scored.
+    """
     rows = []
     for name in names:
+        if on_model is not None:
+            on_model(name)
+        start = time.perf_counter()
         with use_adapter(model, name):
-            answers = generate_answers(model, tokenizer, items, max_new_tokens, batch_size, render)
+            answers = generate_answers(model, tokenizer, items, max_new_tokens, batch_size, render, stop_ids)
             row = {"model": name, "n": len(items), **score(answers, items)}
             if examples:
-                row["loss"], row["perplexity"] = reference_loss(model, examples)
+                row["loss"], row["perplexity"] = reference_loss(model, examples, batch_size)
+        row["seconds"] = round(time.perf_counter() - start, 2)
         row["answers"] = answers
         rows.append(row)
     return rows

@@ -6,6 +6,7 @@ step feeds one token per row and reuses the cache. Rows stop independently at a 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -69,6 +70,13 @@ def next_tokens(logits: torch.Tensor, seen: torch.Tensor, sampling: Sampling,
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
+def _cache_argument(model: torch.nn.Module) -> str:
+    """The KV-cache keyword of the model's forward: `cache` in recent transformers (which deprecates
+    `past_key_values`), `past_key_values` before."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+
+
 def _left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -95,14 +103,14 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], sampling: Samplin
     ids, mask = _left_pad(prompts, pad_id, device)
     extra = {"adapter_names": adapter_names} if adapter_names is not None else {}
     generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
-    cache = DynamicCache()
+    cache = {_cache_argument(model): DynamicCache()}  # filled in place by every forward
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, T): left padding does not shift positions
     step_ids, seen = ids, ids
     outputs: list[list[int]] = [[] for _ in prompts]
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     for _ in range(sampling.max_new_tokens):
-        out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                    use_cache=True, logits_to_keep=1, **extra)
+        out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                    logits_to_keep=1, **cache, **extra)
         token = next_tokens(out.logits[:, -1], seen, sampling, generator)  # (B,)
         token = torch.where(done, torch.full_like(token, pad_id), token)
         for row, t in enumerate(token.tolist()):

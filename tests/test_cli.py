@@ -13,7 +13,16 @@ from lorakit.train import TrainConfig
 def test_no_arguments_lists_the_working_subcommands(capsys):
     assert main([]) == 0
     out = capsys.readouterr().out
-    assert "train" in out and set(COMMANDS) == {"train"}
+    assert set(COMMANDS) == {"train", "chat", "eval", "merge", "export"}
+    for name in COMMANDS:
+        assert f"    {name} " in out
+
+
+@pytest.mark.parametrize("job", ["train", "chat", "eval", "merge", "export"])
+def test_every_job_has_help_with_its_keys(job, capsys):
+    assert main([job, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: lorakit {job}") and "model_name_or_path = " in out
 
 
 def test_unknown_subcommand_is_a_usage_error(capsys):

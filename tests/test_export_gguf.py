@@ -19,7 +19,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from lorakit import LoraConfig, get_lora_model
 from lorakit.export import gguf as export_gguf
-from lorakit.export import write_gguf, write_gguf_lora, write_modelfile
+from lorakit.export import ollama, write_gguf, write_gguf_lora, write_modelfile
 
 VOCAB = 320  # = len(make_tokenizer())
 HF_TO_GGUF = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -388,8 +388,8 @@ def test_modelfile_template_renders_like_the_chat_template(template, kind, token
     tok.chat_template = template
     (tmp_path / "m.gguf").write_bytes(b"")
     parts = modelfile_parts(write_modelfile(tmp_path / "m.gguf", tok))
-    assert parts["from"] == "FROM ./m.gguf" and parts["template"] == export_gguf.CHAT_FORMATS[kind].template
-    assert set(export_gguf.CHAT_FORMATS[kind].stops) <= set(parts["stops"]) and "<|im_end|>" in parts["stops"]
+    assert parts["from"] == "FROM ./m.gguf" and parts["template"] == ollama.CHAT_FORMATS[kind].template
+    assert set(ollama.CHAT_FORMATS[kind].stops) <= set(parts["stops"]) and "<|im_end|>" in parts["stops"]
     reference = tok.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=True)
     assert render_go(parts["template"], CONVERSATION) == reference.removeprefix(tok.bos_token or "")
     no_system = CONVERSATION[1:]

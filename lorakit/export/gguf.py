@@ -2,8 +2,9 @@
 
     write_gguf(merged, tokenizer, "out/model.gguf", quant="q8_0")   # Llama / Mistral / Qwen2 -> one .gguf
     write_gguf_lora(lora_model, None, None, "out/adapter.gguf")      # for `llama-cli -m model.gguf --lora ...`
-    write_modelfile("out/model.gguf", tokenizer)                     # out/Modelfile for `ollama create`
+    write_modelfile("out/model.gguf", tokenizer)                     # out/Modelfile (lorakit.export.ollama)
 
+The tokenizer part is in gguf_vocab.py, the Modelfile in ollama.py.
 Tensor names and metadata keys are llama.cpp's (convert_hf_to_gguf.py, convert_lora_to_gguf.py), taken from the
 `gguf` package's constants and TensorNameMap.
 
@@ -24,13 +25,10 @@ its B multiplied by s * r / alpha_gguf, so that alpha_gguf / r * B A = s B A for
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import re
 import time
 import uuid
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +39,7 @@ from torch import nn
 
 from ..lora import LoraConfig
 from ..lora.io import PREFIX, read_adapter
+from .gguf_vocab import add_tokenizer
 
 Q = gguf.GGMLQuantizationType
 T = gguf.MODEL_TENSOR
@@ -48,11 +47,6 @@ ARCHITECTURES = {"llama": gguf.MODEL_ARCH.LLAMA, "mistral": gguf.MODEL_ARCH.LLAM
 QUANTS = {"f32": (Q.F32, gguf.LlamaFileType.ALL_F32), "f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16),
           "bf16": (Q.BF16, gguf.LlamaFileType.MOSTLY_BF16), "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0)}
 LORA_QUANTS = ("f32", "f16")
-# pre-tokenizer split regexes (tokenizer.json) -> llama.cpp's `tokenizer.ggml.pre` name
-_CONTRACTIONS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
-_REST = r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-_SPLITS = {_CONTRACTIONS + r"\p{N}{1,3}" + _REST: "llama-bpe", _CONTRACTIONS + r"\p{N}" + _REST: "qwen2"}
-_SMOLLM_HEAD = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<repo_name>"]
 
 
 # ---------------------------------------------------------------- the model's numbers
@@ -279,106 +273,6 @@ def write_gguf(model: nn.Module, tokenizer, path: str | Path, quant: str = "f16"
             "seconds": round(time.perf_counter() - start, 2)}
 
 
-# ---------------------------------------------------------------- tokenizer
-
-
-def _tokenizer_spec(tokenizer) -> dict:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise ValueError(f"GGUF export needs a fast (tokenizers) tokenizer, got {type(tokenizer).__name__}")
-    return json.loads(backend.to_str())
-
-
-def _pre_parts(spec: dict) -> list[dict]:
-    pre = spec.get("pre_tokenizer") or {}
-    return pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
-
-
-def pre_tokenizer_name(tokenizer) -> str:
-    """llama.cpp's `tokenizer.ggml.pre` for a byte-level BPE tokenizer, from its pre-tokenizer (and vocabulary)."""
-    parts = _pre_parts(_tokenizer_spec(tokenizer))
-    kinds = [p.get("type") for p in parts]
-    splits = [p.get("pattern", {}).get("Regex") for p in parts if p.get("type") == "Split"]
-    if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
-        return "smollm"
-    if len(splits) == 1 and splits[0] in _SPLITS:
-        return _SPLITS[splits[0]]
-    if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
-        # transformers' GGUF loader rebuilds SmolLM's tokenizer without the Digits step; its vocabulary tells
-        head = tokenizer.convert_ids_to_tokens(list(range(len(_SMOLLM_HEAD))))
-        return "smollm" if len(tokenizer) == 49152 and head == _SMOLLM_HEAD else "gpt-2"
-    warnings.warn(f"GGUF export: unknown pre-tokenizer {kinds}; writing 'default' (llama.cpp may split text "
-                  f"differently); pass pre_tokenizer= to choose", stacklevel=3)
-    return "default"
-
-
-def _token_table(tokenizer, spec: dict, n_vocab: int) -> tuple[str, list[str], list[int], list[float] | None]:
-    """(ggml model, tokens, token types, scores): byte-level BPE is "gpt2", sentencepiece-style is "llama"."""
-    model = spec["model"]
-    if model["type"] == "BPE":
-        kind = "llama" if model.get("byte_fallback") else "gpt2"
-    elif model["type"] == "Unigram":
-        kind = "llama"
-    else:
-        raise ValueError(f"GGUF export: tokenizer model '{model['type']}' has no llama.cpp equivalent")
-    vocab = tokenizer.get_vocab()
-    if max(vocab.values()) >= n_vocab:
-        raise ValueError(f"GGUF export: the tokenizer has ids up to {max(vocab.values())} but the embedding only "
-                         f"{n_vocab} rows")
-    tokens = [f"[PAD{i}]" for i in range(n_vocab)]  # rows past the tokenizer, as llama.cpp's converter names them
-    types = [gguf.TokenType.UNUSED] * n_vocab
-    for token, i in vocab.items():
-        tokens[i], types[i] = token, gguf.TokenType.NORMAL
-    for i, added in tokenizer.added_tokens_decoder.items():
-        control = added.special or re.fullmatch(r"<\|.*\|>", added.content)
-        types[i] = gguf.TokenType.CONTROL if control else gguf.TokenType.USER_DEFINED
-    if kind == "gpt2":
-        return kind, tokens, types, None
-    for i, token in enumerate(tokens):
-        if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
-            types[i] = gguf.TokenType.BYTE
-    if tokenizer.unk_token_id is not None:
-        types[tokenizer.unk_token_id] = gguf.TokenType.UNKNOWN
-    if model["type"] == "Unigram":
-        scores = [float(s) for _, s in model["vocab"]] + [0.0] * (n_vocab - len(model["vocab"]))
-    else:  # sentencepiece BPE: a piece's score is minus its rank, which the vocabulary order is
-        scores = [-float(i) if t == gguf.TokenType.NORMAL else 0.0 for i, t in enumerate(types)]
-    return kind, tokens, types, scores
-
-
-def _adds_space_prefix(spec: dict, kind: str) -> bool:
-    parts = _pre_parts(spec)
-    if kind == "gpt2":
-        return any(p.get("type") == "ByteLevel" and p.get("add_prefix_space") for p in parts)
-    normalizer = json.dumps(spec.get("normalizer") or {})
-    return '"Prepend"' in normalizer or any(p.get("type") == "Metaspace" and p.get("prepend_scheme") != "never"
-                                            for p in parts)
-
-
-def add_tokenizer(writer: gguf.GGUFWriter, tokenizer, n_vocab: int, pre_tokenizer: str | None = None) -> None:
-    """Vocabulary, merges, special ids, BOS/EOS flags and chat template under llama.cpp's tokenizer.* keys."""
-    spec = _tokenizer_spec(tokenizer)
-    kind, tokens, types, scores = _token_table(tokenizer, spec, n_vocab)
-    writer.add_tokenizer_model(kind)
-    writer.add_tokenizer_pre(pre_tokenizer or (pre_tokenizer_name(tokenizer) if kind == "gpt2" else "default"))
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    if scores is not None:
-        writer.add_token_scores(scores)
-    if kind == "gpt2":
-        writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
-    for key, token_id in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id),
-                          ("unk", tokenizer.unk_token_id), ("pad", tokenizer.pad_token_id)):
-        if token_id is not None:
-            getattr(writer, f"add_{key}_token_id")(token_id)
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"]  # what the tokenizer really adds, not its flags
-    writer.add_add_bos_token(tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id])
-    writer.add_add_eos_token(tokenizer.eos_token_id is not None and ids[-1:] == [tokenizer.eos_token_id])
-    writer.add_add_space_prefix(_adds_space_prefix(spec, kind))
-    if isinstance(getattr(tokenizer, "chat_template", None), str):
-        writer.add_chat_template(tokenizer.chat_template)
-
-
 # ---------------------------------------------------------------- the adapter alone
 
 
@@ -392,7 +286,7 @@ def _adapter(lora, config: LoraConfig | None, adapter_name: str) -> tuple[LoraCo
             raise ValueError("write_gguf_lora: a state dict needs its LoraConfig")
         return config, lora
     # the tensors save_pretrained writes: PiSSA/OLoRA factors already converted to plain LoRA on the original base
-    return lora._exportable(adapter_name)
+    return lora.exportable(adapter_name)
 
 
 def _lora_pairs(config: LoraConfig, state: dict[str, torch.Tensor]) -> dict[str, list[torch.Tensor]]:
@@ -463,87 +357,3 @@ def _lora_entries(pairs: dict[str, list[torch.Tensor]], config: LoraConfig, hp: 
         entries.append(_Entry(f"{found[1]}.weight.lora_a", lora_A, None, qtype))  # (r, in): ggml ne = (in, r)
         entries.append(_Entry(f"{found[1]}.weight.lora_b", lora_B, _rotary_heads(hp, found[0]), qtype))  # (out, r)
     return entries
-
-
-# ---------------------------------------------------------------- Ollama
-
-
-@dataclass(frozen=True)
-class ChatFormat:
-    """An Ollama TEMPLATE (Go template over .Messages), its stop strings, and how it spells a system turn."""
-
-    template: str
-    stops: tuple[str, ...]
-    system_open: str
-    system_close: str
-
-
-CHAT_FORMATS = {
-    "chatml": ChatFormat(
-        "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n",
-        ("<|im_start|>", "<|im_end|>"), "<|im_start|>system\n", "<|im_end|>"),
-    "llama3": ChatFormat(
-        "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>{{ end }}"
-        "<|start_header_id|>assistant<|end_header_id|>\n\n",
-        ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
-        "<|start_header_id|>system<|end_header_id|>\n\n", "<|eot_id|>"),
-    "generic": ChatFormat("{{- range .Messages }}{{ .Role }}: {{ .Content }}\n{{ end }}assistant: ",
-                          ("\nuser:",), "system: ", "\n"),
-}
-
-
-def chat_format_kind(chat_template: str | None) -> str:
-    """"chatml", "llama3" or "generic", from the markers a Jinja chat template writes."""
-    template = chat_template or ""
-    if "<|im_start|>" in template:
-        return "chatml"
-    if "<|start_header_id|>" in template:
-        return "llama3"
-    return "generic"
-
-
-def _default_system(tokenizer, fmt: ChatFormat) -> str | None:
-    """The system prompt a chat template inserts when the conversation has none (SmolLM2 does)."""
-    marker = "\x00user\x00"
-    try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False,
-                                             add_generation_prompt=True)
-    except Exception:  # a tokenizer without a usable template: no default to carry over
-        return None
-    head = text.split(marker)[0]
-    found = re.search(re.escape(fmt.system_open) + "(.*?)" + re.escape(fmt.system_close), head, re.S)
-    return found.group(1) if found else None
-
-
-def write_modelfile(gguf_path: str | Path, chat: str | object, directory: str | Path | None = None,
-                    adapter: str | Path | None = None, system: str | None = None) -> Path:
-    """Write an Ollama `Modelfile` (FROM, optional ADAPTER, TEMPLATE, SYSTEM, stop parameters); returns its path.
-
-    chat: "chatml", "llama3", "generic", or a tokenizer (its chat template picks the format, its default system
-    prompt and eos token come along). directory defaults to the GGUF's folder; paths are written relative to it.
-    """
-    gguf_path = Path(gguf_path)
-    directory = Path(directory) if directory is not None else gguf_path.parent
-    kind = chat if isinstance(chat, str) else chat_format_kind(getattr(chat, "chat_template", None))
-    if kind not in CHAT_FORMATS:
-        raise ValueError(f"chat format '{kind}' is not one of {', '.join(CHAT_FORMATS)}")
-    fmt = CHAT_FORMATS[kind]
-    stops = list(fmt.stops)
-    if not isinstance(chat, str):
-        system = system if system is not None else _default_system(chat, fmt)
-        eos = getattr(chat, "eos_token", None)
-        stops += [eos] if eos and eos not in stops else []
-
-    def relative(p: str | Path) -> str:
-        rel = Path(os.path.relpath(Path(p).resolve(), directory.resolve())).as_posix()
-        return rel if rel.startswith("..") else f"./{rel}"
-
-    lines = [f"FROM {relative(gguf_path)}"]
-    lines += [f"ADAPTER {relative(adapter)}"] if adapter is not None else []
-    lines.append(f'TEMPLATE """{fmt.template}"""')
-    lines += [f'SYSTEM """{system}"""'] if system else []
-    lines += [f"PARAMETER stop {json.dumps(s)}" for s in stops]
-    directory.mkdir(parents=True, exist_ok=True)
-    out = directory / "Modelfile"
-    out.write_text("\n".join(lines) + "\n")
-    return out

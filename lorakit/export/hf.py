@@ -7,12 +7,12 @@ with the model the caller had (adapter applied, not merged) on a probe batch.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .staging import staged_directory
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -22,15 +22,6 @@ def parse_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"export_dtype {name!r} is not one of {', '.join(sorted(set(DTYPES)))}")
     return DTYPES[name]
-
-
-def check_destination(directory: str | Path, overwrite: bool) -> Path:
-    """Refuse a non-empty destination unless `overwrite`; nothing is touched here."""
-    directory = Path(directory)
-    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())) and not overwrite:
-        raise FileExistsError(f"export directory '{directory}' is not empty; pass overwrite_output_dir=true "
-                              f"or choose another export_dir")
-    return directory
 
 
 def probe_ids(vocab_size: int, length: int = 16) -> torch.Tensor:
@@ -52,12 +43,15 @@ def export_hf(model: nn.Module, tokenizer, directory: str | Path, dtype: torch.d
 
     When `reference_logits` (on `probe`) is given, the written model is reloaded with transformers and the largest
     absolute logits difference is reported as `max_abs_diff`; above `tolerance` the export is refused and nothing
-    is left on disk.
+    is left on disk. A model with quantized layers is refused: see `export_merged_quantized`.
     """
-    directory = check_destination(directory, overwrite)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    from ..quant import quantized_layers
+
+    if quantized_layers(model):
+        raise ValueError("the model has quantized (4/8-bit) layers; export a QLoRA adapter with "
+                         "export_merged_quantized (dequantize -> merge in fp32 -> 16-bit), or merge it into the "
+                         "unquantized base")
+    with staged_directory(directory, overwrite) as tmp:
         model.to(dtype)
         if getattr(model.config, "quantization_config", None) is not None:
             del model.config.quantization_config
@@ -71,12 +65,23 @@ def export_hf(model: nn.Module, tokenizer, directory: str | Path, dtype: torch.d
             if tolerance is not None and diff > tolerance:
                 raise ValueError(f"exported model differs from the adapter model: max |logits diff| {diff:.2e} "
                                  f"> {tolerance:.0e}; nothing was written")
-        if directory.exists():
-            shutil.rmtree(directory)
-        tmp.rename(directory)
-        return report
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return report
+
+
+def export_merged_quantized(lora_model, tokenizer, directory: str | Path, dtype: torch.dtype = torch.bfloat16,
+                            overwrite: bool = False, tolerance: float | None = None) -> dict:
+    """The QLoRA merge policy (lorakit.quant.merge): dequantize the base to its original dtype, merge the adapter in
+    fp32, save a 16-bit model. The report's `max_abs_diff` compares the reloaded files with the quantized base +
+    adapter the adapter was trained on; `merge` holds the in-memory differences."""
+    from ..quant import merge_dequantized
+
+    base = lora_model.get_base_model().eval()
+    probe = probe_ids(base.get_input_embeddings().weight.shape[0])
+    reference = logits_on(lora_model, probe)
+    merged, merge_report = merge_dequantized(lora_model, dtype=dtype, probe=probe)
+    report = export_hf(merged, tokenizer, directory, dtype=dtype, reference_logits=reference, probe=probe,
+                       overwrite=overwrite, tolerance=tolerance)
+    return {**report, "merge": merge_report}
 
 
 def _reload_and_compare(directory: Path, probe: torch.Tensor, reference: torch.Tensor) -> float:

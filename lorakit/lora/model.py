@@ -222,10 +222,11 @@ class LoraModel(nn.Module):
         """
         for name in selected_adapters or list(self.peft_config):
             target = Path(save_directory) if name == "default" else Path(save_directory) / name
-            config, state = self._exportable(name)
+            config, state = self.exportable(name)
             io.write_adapter(target, config, state)
 
-    def _exportable(self, name: str) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    def exportable(self, name: str) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+        """(config, PEFT-keyed CPU tensors) of adapter `name` as save_pretrained writes it (PiSSA/OLoRA converted)."""
         config = self.peft_config[name]
         state = io.state_dict_for_save(self.model, name, config.bias)
         initial = self._initial_factors.get(name)

@@ -1,0 +1,171 @@
+"""`lorakit eval`: score the base model and each adapter side by side on one data set.
+
+    lorakit eval --adapter saves/kb --dataset data/heldout.jsonl --output results.json
+
+Per model: the loss and perplexity of the reference answers (teacher forcing, every assistant turn) and scores of
+greedy answers to the prompts: exact match, contains-the-answer (a record's "answer" field, a string or a list;
+else the reference itself), ROUGE-L F1. The table goes to stdout (markdown), the details to the JSON file.
+The data set is read before any model loads, in any format `lorakit train` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..cli import _fail as fail
+from .arguments import ConfigError, keys_help, parse_command, say, wants_help
+
+USAGE = """usage: lorakit eval [CONFIG.yaml] [KEY=VALUE ...] [--adapter DIR | --adapter NAME=DIR ...] [--model M]
+                    --dataset DATA [--dataset_dir DIR] [--max_samples N] [--output results.json]
+
+Score the base model and each adapter on a data set: loss and perplexity of the reference answers, and greedy
+answers scored by exact match, contains-the-answer and ROUGE-L. A markdown table goes to stdout; --output writes
+everything (scores, answers, references) as JSON. Records may carry an "answer" field: the fact an answer must
+contain (a string or a list of acceptable ones); without it the whole reference answer must appear.
+
+examples:
+  lorakit eval --adapter saves/kb --dataset data/heldout.jsonl
+  lorakit eval --adapter a=saves/a --adapter b=saves/b --dataset identity --dataset_dir data --max_samples 50 \\
+      --output results.json
+
+"""
+
+FLAGS = {"--adapter": "adapter_name_or_path", "--adapters": "adapter_name_or_path", "--model": "model_name_or_path",
+         "--output": "output", "--dtype": "infer_dtype"}
+ALIASES = {k.removeprefix("--"): v for k, v in FLAGS.items()} | {
+    "output_file": "output", "save_path": "output", "per_device_eval_batch_size": "batch_size",
+    "eval_dataset": "dataset"}
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class EvalArgs:
+    """Settings of `lorakit eval`."""
+
+    model_name_or_path: str | None = None
+    """Base model (local HF directory, GGUF file, cached hub id). Empty: the adapters' base, else the default."""
+    adapter_name_or_path: str | None = None
+    """Adapters to score: a comma list of DIR or NAME=DIR (--adapter, repeatable)."""
+    dataset: str | None = None
+    """Data set(s) to score on, comma-separated: names in dataset_dir/dataset_info.json or file paths."""
+    dataset_dir: str = "data"
+    """Folder of dataset_info.json and of relative data paths."""
+    max_samples: int | None = None
+    """Use only the first N records of each data set."""
+    template: str | None = None
+    """Chat template: empty uses the adapter's training template, else the tokenizer's own; or a built-in name."""
+    include_base: bool = True
+    """Score the base model (no adapter) too, as the first row."""
+    cutoff_len: int = 1024
+    """Longest example (tokens) for the reference loss."""
+    max_new_tokens: int = 64
+    """Longest generated answer (greedy decoding)."""
+    batch_size: int = 16
+    """Prompts generated (and examples scored) at once."""
+    output: str | None = None
+    """Write the results here as JSON (scores per model, every answer, the references)."""
+    infer_dtype: str = "float32"
+    """Weights dtype: float32, bfloat16, float16, or auto."""
+    device: str | None = None
+    """cpu, cuda, ...; empty picks CUDA when present."""
+
+    def __post_init__(self) -> None:
+        from ..data import DataError, check_template
+
+        problems = []
+        if not self.dataset:
+            problems.append("dataset is required (--dataset FILE or a name in dataset_info.json)")
+        for key in ("max_new_tokens", "batch_size", "cutoff_len"):
+            if getattr(self, key) < 1:
+                problems.append(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.max_samples is not None and self.max_samples < 1:
+            problems.append(f"max_samples must be >= 1, got {self.max_samples}")
+        if self.infer_dtype not in DTYPES:
+            problems.append(f"infer_dtype must be one of {', '.join(DTYPES)}, got '{self.infer_dtype}'")
+        if self.output and Path(self.output).is_dir():
+            problems.append(f"output '{self.output}' is a directory; give a file name such as results.json")
+        if not self.adapter_name_or_path and not self.include_base:
+            problems.append("nothing to score: no adapter given and include_base is false")
+        try:
+            check_template(self.template)
+        except DataError as exc:
+            problems.append(f"template: {exc}")
+        if problems:
+            raise ConfigError(problems)
+
+
+def run_eval(argv: list[str]) -> int:
+    """`lorakit eval`: exit status 0 done, 1 bad input (data, files, model), 2 bad settings, 130 interrupted."""
+    if wants_help(argv):
+        print(USAGE + keys_help(EvalArgs, FLAGS))
+        return 0
+    try:
+        args, ignored = parse_command(EvalArgs, argv, ALIASES)
+    except ConfigError as exc:
+        return fail("eval", exc, 2)
+    if ignored:
+        say("eval", f"ignoring keys that change nothing here: {', '.join(ignored)}")
+    try:
+        report = evaluate(args)
+    except KeyboardInterrupt:
+        print("lorakit eval: aborted; nothing written", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as exc:
+        if os.environ.get("LORAKIT_DEBUG"):
+            raise
+        return fail("eval", exc, 1)
+    from ..evaluate import format_table
+
+    print(format_table(report["models"]))
+    if args.output:
+        write_json(Path(args.output), report)
+        say("eval", f"results written to {args.output}")
+    return 0
+
+
+def evaluate(args: EvalArgs) -> dict:
+    """Read the data, load the model and adapters, score every model; returns the JSON report."""
+    from ..data import DataError, encode_records, load_records
+    from ..evaluate import evaluate_models, items_from_records
+    from .chat import load_for_inference
+
+    records = load_records(args.dataset, args.dataset_dir, "sft", args.max_samples)
+    if not any("messages" in r for r in records):
+        raise DataError(f"dataset {args.dataset!r} holds plain text; lorakit eval needs conversations "
+                        f"(prompts with reference answers)")
+    items = items_from_records([r for r in records if "messages" in r])
+    if not items:
+        raise DataError(f"dataset {args.dataset!r}: no record ends with an assistant answer to score")
+    dtype = args.infer_dtype
+    model, tokenizer, template, stop_ids, plan = load_for_inference(
+        "eval", args.adapter_name_or_path, args.model_name_or_path, args.template, dtype, args.device)
+    examples, _ = encode_records([r for r in records if "messages" in r], tokenizer, template, args.cutoff_len)
+    names = (["__base__"] if args.include_base or not plan.names else []) + plan.names
+    rows = evaluate_models(model, tokenizer, names, items, examples, args.max_new_tokens, args.batch_size,
+                           render=template.prompt_ids, stop_ids=stop_ids,
+                           on_model=lambda name: say("eval", f"scoring {name} on {len(items)} prompts"))
+    dirs = {name: str(path) for name, path in plan.pairs}
+    for row in rows:
+        row["adapter_dir"] = dirs.get(row["model"])
+    return {"dataset": args.dataset, "base_model": plan.base or "default", "template": plan.template or "default",
+            "n": len(items), "max_new_tokens": args.max_new_tokens, "models": rows,
+            "items": [{"prompt": it.prompt[-1]["content"] if it.prompt else "", "reference": it.reference,
+                       "expected": it.answers} for it in items]}
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write atomically: a temporary sibling renamed into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
