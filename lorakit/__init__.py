@@ -7,7 +7,9 @@ from .lora import (
     get_peft_model_state_dict,
     set_peft_model_state_dict,
 )
+from .quant import dequantize_model, merge_dequantized, quantize_model
 
 __version__ = "0.1.0"
 
-__all__ = ["LoraConfig", "LoraModel", "get_lora_model", "get_peft_model_state_dict", "set_peft_model_state_dict"]
+__all__ = ["LoraConfig", "LoraModel", "get_lora_model", "get_peft_model_state_dict", "set_peft_model_state_dict",
+           "quantize_model", "dequantize_model", "merge_dequantized"]

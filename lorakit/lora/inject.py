@@ -7,14 +7,14 @@ import re
 from torch import nn
 
 from .config import DEFAULT_TARGETS, LoraConfig
-from .layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave, is_conv1d
+from .layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave, is_conv1d, is_quantized
 
 LAYER_PATTERNS = ("layers", "h", "blocks", "layer", "block")
 
 
 def is_linear(module: nn.Module) -> bool:
     """nn.Linear, transformers' Conv1D, or a quantized linear that keeps in/out features (bitsandbytes, torchao)."""
-    return isinstance(module, nn.Linear) or is_conv1d(module)
+    return isinstance(module, nn.Linear) or is_conv1d(module) or is_quantized(module)
 
 
 def supported(module: nn.Module) -> bool:

@@ -12,6 +12,8 @@ from the graph as the paper (section 4.3) and PEFT do, so it costs no extra back
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,6 +25,33 @@ from .init import init_embedding, init_plain, init_principal
 def is_conv1d(module: nn.Module) -> bool:
     """transformers' GPT-2 style Conv1D (weight stored (in, out)), recognised without importing transformers."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+# --- quantized base layers (QLoRA): recognised by duck-typing, so this package needs no bitsandbytes ----------
+BNB_QUANTIZED = ("Linear4bit", "Linear8bitLt")
+QUANTIZED_MERGE = ("cannot merge into a quantized base layer ({kind}): the 4/8-bit weights cannot absorb a delta "
+                   "exactly. Dequantize first (lorakit.quant.dequantize_model(model), or "
+                   "lorakit.quant.merge_dequantized for the whole policy), then merge")
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """A quantized linear: lorakit's QuantLinear (has `dequantize_weight`) or bitsandbytes' Linear4bit/8bitLt."""
+    return callable(getattr(module, "dequantize_weight", None)) or type(module).__name__ in BNB_QUANTIZED
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """The (out, in) weight of a quantized linear, dequantized to its original dtype (a new tensor)."""
+    if callable(getattr(module, "dequantize_weight", None)):
+        return module.dequantize_weight()
+    import bitsandbytes.functional as bnb_f  # only reached for a bitsandbytes layer, so it is installed
+
+    w = module.weight
+    if type(module).__name__ == "Linear8bitLt":  # int8 rows scaled by SCB / 127 (LLM.int8 vector-wise)
+        return w.data.float() * (w.SCB.float()[:, None] / 127)
+    data, state = w.data, w.quant_state
+    if getattr(state, "packing_format_for_cpu", False):  # bitsandbytes' CPU inference layout: undo on copies
+        data, state = bnb_f._convert_weight_packed_for_cpu_inverse(data.clone(), copy.copy(state))
+    return bnb_f.dequantize_4bit(data, state)
 
 
 def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -108,6 +137,8 @@ class LoraLayer(nn.Module):
             weight.data.copy_((w - self.delta_weight(name)).to(weight.dtype))
 
     def _merged_weight(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        if is_quantized(self.base_layer):  # both merge paths come through here before changing anything
+            raise ValueError(QUANTIZED_MERGE.format(kind=type(self.base_layer).__name__))
         merged = w + self.delta_weight(name)
         if name in self.lora_magnitude_vector:
             factor = self._dora_scale(name, merged)
@@ -145,9 +176,12 @@ class LoraLinear(LoraLayer):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.fan_in_fan_out = is_conv1d(base_layer)
-        w = base_layer.weight
-        in_dim = 0 if self.fan_in_fan_out else 1  # Conv1D stores (in, out), Linear (out, in)
-        self.in_features, self.out_features = w.shape[in_dim], w.shape[1 - in_dim]
+        if is_quantized(base_layer):  # the stored weight is packed; the layer knows its shape
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        else:
+            in_dim = 0 if self.fan_in_fan_out else 1  # Conv1D stores (in, out), Linear (out, in)
+            shape = base_layer.weight.shape
+            self.in_features, self.out_features = shape[in_dim], shape[1 - in_dim]
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
 
@@ -175,6 +209,9 @@ class LoraLinear(LoraLayer):
     def _initialise(self, name: str, init: bool | str) -> None:
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
         if isinstance(init, str) and (init.startswith("pissa") or init == "olora"):
+            if is_quantized(self.base_layer):
+                raise ValueError("PiSSA/OLoRA init rewrites the base weights, which a quantized base cannot hold; "
+                                 "use the default init on a quantized base")
             if self.merged:
                 raise ValueError("cannot add a PiSSA/OLoRA adapter while another adapter is merged")
             lora_A, lora_B, residual = init_principal(self._oriented_weight(), init, self.r[name], self.scaling[name])
@@ -198,7 +235,9 @@ class LoraLinear(LoraLayer):
         _discard(self.lora_B, name)
 
     def _oriented_weight(self) -> torch.Tensor:
-        """The base weight as (out, in), fp32."""
+        """The base weight as (out, in), fp32 (dequantized for a quantized base)."""
+        if is_quantized(self.base_layer):
+            return dense_weight(self.base_layer).float()
         w = self.base_layer.weight.detach().float()
         return w.T if self.fan_in_fan_out else w
 
@@ -218,25 +257,37 @@ class LoraLinear(LoraLayer):
         return 0 if self.fan_in_fan_out else 1
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.routing is None and self._runs_adapter():
+            return self._adapter_forward(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         if self.routing is not None:
             delta = mixed.linear_delta(self, x)
             return result if delta is None else result + delta.to(result.dtype)
-        if not self._runs_adapter():
-            return result
+        return result
+
+    def _adapter_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """W0 x + B (scaling * A dropout(x)), the scaling applied on the rank-r side (r columns, not out)."""
         name = self.active_adapter
         lora_A, lora_B = self.lora_A[name], self.lora_B[name]
         dropout = self.lora_dropout[name]
-        x_lora = dropout(x.to(lora_A.weight.dtype))
-        lora_out = lora_B(lora_A(x_lora))  # (..., out)
+        device = x.device.type
+        if torch.is_autocast_enabled(device) and type(self.base_layer) is nn.Linear:
+            # cast x once for both matmuls (autocast alone would cast it for each); same numbers as autocast
+            x = x.to(torch.get_autocast_dtype(device))
+            x_lora = dropout(x)
+        else:
+            x_lora = dropout(x.to(lora_A.weight.dtype))
+        result = self.base_layer(x, *args, **kwargs)
         if name in self.lora_magnitude_vector:
+            lora_out = lora_B(lora_A(x_lora))  # (..., out)
             return self._dora_forward(name, x_lora, result, lora_out, reuse_base=isinstance(dropout, nn.Identity))
-        return result + (lora_out * self.scaling[name]).to(result.dtype)
+        lora_out = lora_B(lora_A(x_lora) * self.scaling[name])  # (..., r) -> (..., out)
+        return result + lora_out.to(result.dtype)
 
     def _dora_forward(self, name: str, x: torch.Tensor, result: torch.Tensor, lora_out: torch.Tensor,
                       reuse_base: bool) -> torch.Tensor:
         """result + (m/||W'|| - 1) * W0 x + (m/||W'||) * s B A x   (PEFT's formulation)."""
-        weight = self.base_layer.weight
+        weight = dense_weight(self.base_layer) if is_quantized(self.base_layer) else self.base_layer.weight
         lora_weight = self.lora_B[name].weight @ self.lora_A[name].weight  # (out, in)
         w = weight.T if self.fan_in_fan_out else weight
         norm = (w.to(lora_weight.dtype) + self.scaling[name] * lora_weight).norm(p=2, dim=1).detach()  # (out,)

@@ -19,7 +19,9 @@ FINETUNING_TYPES = ("lora", "full", "freeze")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 EVAL_STRATEGIES = ("no", "steps", "epoch")
 SAVE_STRATEGIES = ("no", "steps", "epoch")
-OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_hf")
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit")
+QUANTIZATION_METHODS = ("auto", "bnb", "lorakit")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
 
 
 class ConfigError(ValueError):
@@ -42,7 +44,18 @@ class TrainConfig:
     """Base model: a local Hugging Face directory, a .gguf file, a hub id already in the local cache, or empty for
     the embedded default (SmolLM2-135M-Instruct)."""
     quantization_bit: int | None = None
-    """Load the base quantised (QLoRA). Not supported yet: must be empty."""
+    """Quantize the base model's linear layers (not the output head) to 4 or 8 bits and train LoRA on top (QLoRA);
+    empty: no quantization."""
+    quantization_type: str = "nf4"
+    """4-bit data type: nf4 (NormalFloat, QLoRA's) or fp4."""
+    double_quantization: bool = True
+    """4-bit: also quantize the per-block scales to 8 bits (QLoRA's double quantization, ~0.37 bits/weight less)."""
+    quantization_method: str = "auto"
+    """Who holds the quantized weights: bnb (bitsandbytes Linear4bit/Linear8bitLt), lorakit (plain torch, any
+    device), or auto (bitsandbytes when installed, else lorakit)."""
+    compute_dtype: str | None = None
+    """Matmul dtype of the quantized layers: float32, bfloat16 or float16; empty: the autocast dtype (bf16/fp16)
+    or float32."""
     device: str | None = None
     """lorakit: where to train ("cpu", "cuda", "cuda:1"); empty picks CUDA when present, else the CPU."""
 
@@ -52,7 +65,8 @@ class TrainConfig:
     do_train: bool = True
     """Must be true: `lorakit train` trains."""
     finetuning_type: str = "lora"
-    """lora (train an adapter), full (every weight) or freeze (only the last freeze_trainable_layers layers)."""
+    """lora (train an adapter), qlora (lora on a 4-bit base: quantization_bit 4), full (every weight) or freeze
+    (only the last freeze_trainable_layers layers)."""
     lora_target: str = "all"
     """Modules that get LoRA: "all" (every linear layer but the output head) or comma-separated names
     (q_proj,v_proj)."""
@@ -156,7 +170,8 @@ class TrainConfig:
     adam_epsilon: float = 1e-8
     """AdamW epsilon."""
     optim: str = "adamw_torch"
-    """Optimizer: adamw_torch (adamw_torch_fused and adamw_hf are accepted and mean the same)."""
+    """Optimizer: adamw_torch (adamw_torch_fused and adamw_hf are accepted and mean the same), or 8-bit AdamW:
+    adamw_8bit (= adamw_bnb_8bit) and paged_adamw_8bit, from bitsandbytes (or torchao for adamw_8bit)."""
     max_grad_norm: float = 1.0
     """Clip the gradient norm to this; 0 turns clipping off."""
     bf16: bool = False
@@ -185,6 +200,8 @@ class TrainConfig:
         problems += _value_problems(probe)
         if problems:
             raise ConfigError(problems)
+        if self.finetuning_type == "qlora":  # a synonym: LoRA on a 4-bit base
+            self.finetuning_type, self.quantization_bit = "lora", self.quantization_bit or 4
         if self.lora_alpha is None:
             self.lora_alpha = 2 * self.lora_rank
         if self.packing is None or self.neat_packing:
@@ -236,10 +253,21 @@ def _value_problems(c) -> list[str]:
     checks = [
         (c.stage in STAGES, f"stage must be one of {', '.join(STAGES)}, got {c.stage!r}"),
         (c.do_train, "do_train must be true: lorakit train trains (lorakit eval evaluates)"),
-        (c.finetuning_type != "qlora", "finetuning_type qlora is not supported yet"),
         (c.finetuning_type in FINETUNING_TYPES + ("qlora",),
          f"finetuning_type must be one of {', '.join(FINETUNING_TYPES)}, got {c.finetuning_type!r}"),
-        (c.quantization_bit is None, "quantization_bit (QLoRA) is not supported yet"),
+        (c.quantization_bit in (None, 4, 8), f"quantization_bit must be 4 or 8 (or empty), got {c.quantization_bit}"),
+        (c.quantization_type in ("nf4", "fp4"), f"quantization_type must be nf4 or fp4, got {c.quantization_type!r}"),
+        (c.quantization_method in QUANTIZATION_METHODS,
+         f"quantization_method must be one of {', '.join(QUANTIZATION_METHODS)}, got {c.quantization_method!r}"),
+        (c.compute_dtype is None or c.compute_dtype in COMPUTE_DTYPES,
+         f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)} or empty, got {c.compute_dtype!r}"),
+        (not (c.finetuning_type == "qlora" and c.quantization_bit == 8),
+         "finetuning_type qlora means a 4-bit base; for 8 bits use finetuning_type: lora with quantization_bit: 8"),
+        (c.quantization_bit is None or c.finetuning_type in ("lora", "qlora"),
+         f"finetuning_type {c.finetuning_type} cannot train a quantized base (quantization_bit {c.quantization_bit}):"
+         f" quantized weights are frozen; use finetuning_type: lora (QLoRA) or drop quantization_bit"),
+        (not (c.pissa_init and (c.quantization_bit or c.finetuning_type == "qlora")),
+         "pissa_init rewrites the base weights and cannot be combined with quantization_bit"),
         (c.lora_rank > 0, f"lora_rank must be positive, got {c.lora_rank}"),
         (c.lora_alpha is None or c.lora_alpha > 0, f"lora_alpha must be positive, got {c.lora_alpha}"),
         (0 <= c.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {c.lora_dropout}"),
@@ -282,7 +310,7 @@ def _value_problems(c) -> list[str]:
     for name in ("save_total_limit", "eval_steps"):
         if getattr(c, name) is not None and getattr(c, name) < 1:
             problems.append(f"{name} must be at least 1 or empty, got {getattr(c, name)}")
-    if c.finetuning_type != "lora":
+    if c.finetuning_type not in ("lora", "qlora"):
         lora_only = {"loraplus_lr_ratio": c.loraplus_lr_ratio is not None, "use_rslora": c.use_rslora,
                      "use_dora": c.use_dora, "pissa_init": c.pissa_init, "additional_target": bool(c.additional_target)}
         problems += [f"{k} is only valid with finetuning_type: lora" for k, on in lora_only.items() if on]

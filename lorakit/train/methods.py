@@ -9,7 +9,11 @@ import torch
 from torch import nn
 
 from ..lora import LoraConfig, LoraModel, get_lora_model
+from ..quant import EIGHT_BIT, describe, eight_bit_optimizer, quantize_model, quantized_layers
 from .config import TrainConfig
+
+DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+               "float16": torch.float16, "fp16": torch.float16}
 
 
 @dataclass
@@ -29,7 +33,11 @@ class Trainable:
     def counts_line(self) -> str:
         """PEFT's "trainable params: ... || all params: ... || trainable%: ..." line."""
         trainable = sum(p.numel() for _, p in self.named_trainable())
-        total = sum(p.numel() for p in self.model.parameters())
+        # a quantized layer's weight counts as in * out parameters, not as its packed storage
+        layers = [m for _, m in quantized_layers(self.model)]
+        packed = {id(m.weight) for m in layers}
+        total = sum(p.numel() for p in self.model.parameters() if id(p) not in packed)
+        total += sum(m.in_features * m.out_features for m in layers)
         share = 100 * trainable / total
         return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}"
 
@@ -46,7 +54,14 @@ def lora_config_for(cfg: TrainConfig, base_model_name_or_path: str | None) -> Lo
 
 
 def make_trainable(model: nn.Module, cfg: TrainConfig) -> Trainable:
-    """Set up `model` for cfg.finetuning_type: wrap it with LoRA, or choose which weights train."""
+    """Set up `model` for cfg.finetuning_type: wrap it with LoRA (on a quantized base when quantization_bit is
+    set: QLoRA), or choose which weights train."""
+    quantized = ""
+    if cfg.quantization_bit:  # quantize after loading, before LoRA: the adapters wrap the quantized layers
+        quantize_model(model, bits=cfg.quantization_bit, quant_type=cfg.quantization_type,
+                       double_quant=cfg.double_quantization, backend=cfg.quantization_method,
+                       compute_dtype=DTYPE_NAMES.get(cfg.compute_dtype or ""))
+        quantized = f"; {describe(model)}"
     if cfg.finetuning_type == "lora":
         lora = get_lora_model(model, lora_config_for(cfg, getattr(model, "name_or_path", None)))
         lc = lora.peft_config["default"]
@@ -55,7 +70,7 @@ def make_trainable(model: nn.Module, cfg: TrainConfig) -> Trainable:
         targets = lc.target_modules if isinstance(lc.target_modules, str) else _short_names(lc.target_modules)
         extra = f", modules_to_save {','.join(lc.modules_to_save)}" if lc.modules_to_save else ""
         summary = (f"lora r={lc.r} alpha={lc.lora_alpha:g} dropout={lc.lora_dropout:g}{variant} on {targets}{extra}"
-                   + (f", LoRA+ ratio {cfg.loraplus_lr_ratio:g}" if cfg.loraplus_lr_ratio else ""))
+                   + (f", LoRA+ ratio {cfg.loraplus_lr_ratio:g}" if cfg.loraplus_lr_ratio else "") + quantized)
         return Trainable(lora.get_base_model(), lora, summary)
     if cfg.finetuning_type == "full":
         for p in model.parameters():
@@ -128,8 +143,12 @@ def param_groups(trainable: Trainable, cfg: TrainConfig) -> list[dict]:
 
 
 def make_optimizer(trainable: Trainable, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over `param_groups`; the fused kernel on CUDA (one launch for all parameters)."""
+    """AdamW over `param_groups`; the fused kernel on CUDA (one launch for all parameters); 8-bit AdamW for
+    optim adamw_8bit / paged_adamw_8bit (lorakit.quant.optim)."""
     groups = param_groups(trainable, cfg)
+    if cfg.optim in EIGHT_BIT:
+        return eight_bit_optimizer(cfg.optim, groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                   eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
     fused = all(p.is_cuda and p.is_floating_point() for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                              eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay, fused=fused or None)

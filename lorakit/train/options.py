@@ -31,6 +31,7 @@ IGNORED_KEYS = frozenset({
     "print_param_status", "tokenized_path", "ignore_pad_token_for_loss", "remove_unused_columns", "tf32",
     "disable_tqdm", "log_level", "freeze_vision_tower", "freeze_multi_modal_projector", "image_max_pixels",
     "video_max_pixels", "media_dir", "swanlab_project", "use_swanlab", "hub_model_id", "push_to_hub_organization",
+    "quantization_device_map",
 })
 
 # Keys for features lorakit lacks: fine at their neutral value, an error otherwise.

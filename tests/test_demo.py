@@ -1,0 +1,30 @@
+"""`make demo`'s driver runs end to end (on a tiny model here; the real run is `make demo`)."""
+
+import json
+
+from cli_setup import save_tiny_model
+
+from lorakit import demo
+
+
+def test_demo_runs_and_reports_before_and_after(tmp_path, capsys, monkeypatch):
+    full = demo.held_out_items
+    monkeypatch.setattr(demo, "held_out_items", lambda dataset_dir: full(dataset_dir)[:8])  # keep the test fast
+    model_dir = save_tiny_model(tmp_path / "base")
+    out = tmp_path / "adapter"
+    status = demo.main([f"model_name_or_path={model_dir}", f"output_dir={out}", "max_steps=2",
+                        "per_device_train_batch_size=4", "plot_loss=false"])
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert "held-out score (answer contains the fact)" in printed
+    assert f"lorakit chat --adapter {out}" in printed
+    summary = json.loads((out / "demo_results.json").read_text())
+    assert 0.0 <= summary["heldout_contains_after"] <= 1.0
+    assert (out / "adapter_model.safetensors").is_file() and (out / "training_args.yaml").is_file()
+
+
+def test_demo_config_is_valid():
+    from lorakit.train import load_config
+
+    config, ignored = load_config(demo.CONFIG, [])
+    assert not ignored and config.dataset == "kb_train" and config.model_name_or_path is None
