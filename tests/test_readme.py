@@ -15,3 +15,20 @@ def test_python_api_example_runs(tmp_path, monkeypatch, capsys):
     claimed = re.search(r"# (trainable params: .*)", code).group(1)
     assert claimed in printed
     assert (tmp_path / "my-adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_every_train_key_is_documented():
+    import dataclasses
+
+    from lorakit.train import TrainConfig
+
+    text = README.read_text()
+    missing = [f.name for f in dataclasses.fields(TrainConfig) if f"`{f.name}`" not in text]
+    assert not missing, f"README lacks train keys: {missing}"
+
+
+def test_every_command_is_documented():
+    from lorakit.cli import COMMANDS
+
+    text = README.read_text()
+    assert all(f"lorakit {name}" in text for name in COMMANDS)

@@ -123,9 +123,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
         total = rows.new_zeros((), dtype=torch.float32)
+        device = rows.device.type
+        if torch.is_autocast_enabled(device):  # cast the (V, H) head once, not once per chunk as autocast would
+            amp = torch.get_autocast_dtype(device)
+            weight_mm, bias_mm = weight.to(amp), bias.to(amp) if bias is not None else None
+        else:
+            weight_mm, bias_mm = weight, bias
         for start in range(0, rows.shape[0], chunk_size):
             piece, goal = rows[start:start + chunk_size], targets[start:start + chunk_size]
-            logits = F.linear(piece, weight, bias).float()  # (n, V); matmul in the autocast dtype
+            logits = F.linear(piece, weight_mm, bias_mm).float()  # (n, V); matmul in the autocast dtype
             lse = torch.logsumexp(logits, dim=-1)  # (n,)
             total += (lse - logits.gather(1, goal[:, None]).squeeze(1)).sum()
             if not (need_rows or need_weight or need_bias):
@@ -133,7 +139,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad = torch.exp(logits.sub_(lse[:, None]))  # softmax, in place of the logits, (n, V)
             grad[torch.arange(goal.shape[0], device=goal.device), goal] -= 1.0
             if need_rows:
-                grad_rows[start:start + chunk_size] = (grad.to(weight.dtype) @ weight).to(rows.dtype)  # (n, H)
+                grad_rows[start:start + chunk_size] = (grad.to(weight_mm.dtype) @ weight_mm).to(rows.dtype)  # (n, H)
             if need_weight:
                 grad_weight += grad.t() @ piece.float()  # (V, H)
             if need_bias:

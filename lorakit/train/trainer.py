@@ -36,6 +36,7 @@ from . import checkpoint as ckpt
 from .config import TrainConfig
 from .loss import IGNORE_INDEX, causal_lm_loss, check_chunked_route, shifted_targets
 from .methods import Trainable, make_optimizer, make_trainable
+from .precision import store_frozen_base
 from .prepare import Data, clear_previous_run, preflight, prepare_data, steps_per_epoch
 from .report import MetricsLog, human, plot_loss
 from .schedule import get_lr, warmup_steps_for
@@ -333,6 +334,8 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
     trainer = Trainer(cfg, trainable, tokenizer, data, device, amp_dtype)
     reason = check_chunked_route(model, trainer.collate(trainer.epoch_order(0)[0])[0])
     trainer.chunked = reason is None
+    if amp_dtype is not None and trainable.lora is not None:
+        store_frozen_base(model, amp_dtype)  # after the fp32 check above: from here on every forward is autocast
     if plan.resume:
         trainer.resume(plan.resume)
     out = Path(cfg.output_dir)

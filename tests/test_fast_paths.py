@@ -1,0 +1,127 @@
+"""Each training fast path gives the plain path's loss and gradients: bf16 autocast with the chunked head,
+the frozen base stored in bf16, and no dropout work at p = 0."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import VOCAB, make_model
+from torch import nn
+
+from lorakit import LoraConfig, get_lora_model
+from lorakit.device import bf16_supported
+from lorakit.train.loss import causal_lm_loss, head_cross_entropy
+from lorakit.train.precision import store_frozen_base
+
+
+def _batch(seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (2, 19), generator=g)  # (B, T)
+    labels = ids.clone()
+    labels[:, :6] = -100
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def _lora(arch: str = "llama", **kwargs):
+    config = LoraConfig(r=4, target_modules="all-linear", init_lora_weights="gaussian", **kwargs)
+    return get_lora_model(make_model(arch), config).get_base_model()
+
+
+def _loss_and_grads(model, batch: dict, chunked: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        total, count = causal_lm_loss(model, batch, chunked=chunked, chunk_size=5)
+    return total / count, list(torch.autograd.grad(total / count, params))
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama_tied", "qwen2"])
+def test_bf16_autocast_chunked_loss_matches_the_plain_route(arch):
+    model = _lora(arch)
+    batch = _batch()
+    want, want_grads = _loss_and_grads(model, batch, chunked=False)
+    got, grads = _loss_and_grads(model, batch, chunked=True)
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=1e-2)  # bf16 matmuls: ~3 significant digits
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=5e-2, atol=5e-3)
+
+
+def test_head_is_cast_once_under_autocast_and_matches_per_chunk_autocast():
+    torch.manual_seed(0)
+    head = nn.Linear(16, 40, bias=True)
+    rows = torch.randn(11, 16, requires_grad=True)
+    targets = torch.randint(0, 40, (11,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = head_cross_entropy(rows, targets, head, chunk_size=4)
+        want = nn.functional.cross_entropy(head(rows).float(), targets, reduction="sum")
+    g_got, = torch.autograd.grad(got, rows)
+    g_want, = torch.autograd.grad(want, rows)
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(g_got, g_want, rtol=2e-2, atol=2e-3)
+
+
+def test_frozen_base_in_bf16_gives_the_same_autocast_loss_and_gradients():
+    model = _lora("qwen2")  # q/k/v carry biases: they are cast too
+    batch = _batch(1)
+    want, want_grads = _loss_and_grads(model, batch, chunked=True)
+    stored = store_frozen_base(model, torch.bfloat16)
+    assert stored > 0
+    base = model.model.layers[0].self_attn.q_proj.base_layer
+    assert base.weight.dtype == torch.bfloat16 and base.bias.dtype == torch.bfloat16
+    assert model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == torch.float32
+    assert model.model.embed_tokens.weight.dtype == torch.float32  # not a LoRA base: untouched
+    got, grads = _loss_and_grads(model, batch, chunked=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)  # autocast cast these weights anyway
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_frozen_base_keeps_fp32_under_dora():
+    model = _lora(use_dora=True)
+    assert store_frozen_base(model, torch.bfloat16) == 0
+    assert model.model.layers[0].mlp.up_proj.base_layer.weight.dtype == torch.float32
+
+
+def test_no_dropout_work_at_p0():
+    model = _lora(lora_dropout=0.0)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer.lora_dropout["default"], nn.Identity)
+    model.train()
+    state = torch.get_rng_state()
+    causal_lm_loss(model, _batch())
+    assert torch.equal(torch.get_rng_state(), state)  # no random mask was drawn
+
+
+@pytest.mark.skipif(not bf16_supported(torch.device("cpu")), reason="no native bf16 on this CPU")
+def test_bf16_training_run_uses_the_bf16_base(tmp_path):
+    model = _lora()
+    store_frozen_base(model, torch.bfloat16)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            total, count = causal_lm_loss(model, _batch())
+        (total / count).backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(total.detach() / count))
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_lora_linear_fast_forward_matches_the_formula(autocast):
+    torch.manual_seed(0)
+    model = _lora("qwen2")
+    layer = model.model.layers[0].self_attn.q_proj  # has a bias
+    x = torch.randn(2, 5, layer.in_features, requires_grad=True)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
+    with ctx:
+        got = layer(x)
+        want = layer.base_layer(x) + ((x @ a.T) @ b.T * layer.scaling["default"]).to(got.dtype)
+    assert got.dtype == want.dtype
+    tol = {"rtol": 2e-2, "atol": 2e-2} if autocast else {"rtol": 1e-5, "atol": 1e-6}
+    torch.testing.assert_close(got, want, **tol)
+    grads = torch.autograd.grad(got.float().sum(), (x, a, b))
+    want_grads = torch.autograd.grad(want.float().sum(), (x, a, b))
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=5e-2 if autocast else 1e-4, atol=5e-2 if autocast else 1e-5)
