@@ -30,14 +30,17 @@ class Trainable:
     def named_trainable(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
-    def counts_line(self) -> str:
-        """PEFT's "trainable params: ... || all params: ... || trainable%: ..." line."""
-        trainable = sum(p.numel() for _, p in self.named_trainable())
-        # a quantized layer's weight counts as in * out parameters, not as its packed storage
+    def total_params(self) -> int:
+        """Parameters of the model; a quantized layer's weight counts as in * out, not as its packed storage."""
         layers = [m for _, m in quantized_layers(self.model)]
         packed = {id(m.weight) for m in layers}
         total = sum(p.numel() for p in self.model.parameters() if id(p) not in packed)
-        total += sum(m.in_features * m.out_features for m in layers)
+        return total + sum(m.in_features * m.out_features for m in layers)
+
+    def counts_line(self) -> str:
+        """PEFT's "trainable params: ... || all params: ... || trainable%: ..." line."""
+        trainable = sum(p.numel() for _, p in self.named_trainable())
+        total = self.total_params()
         share = 100 * trainable / total
         return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}"
 

@@ -353,7 +353,7 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
 
 def describe_run(trainer: Trainer, model, loss_reason: str | None, resume: Path | None) -> None:
     cfg = trainer.cfg
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = trainer.trainable.total_params()
     say(f"model: {model.name_or_path} ({human(n_params)} parameters) on {trainer.device}")
     say(trainer.data.describe(cfg))
     say(f"method: {trainer.trainable.summary}")
