@@ -226,6 +226,7 @@ def test_builtin_chatml_equals_tokenizer_chatml(tokenizer):
 @pytest.mark.parametrize("name,text,replies", [
     ("qwen", "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
              "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nYo<|im_end|>\n", ["Yo" + EOT]),
+    ("qwen3_nothink", "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nYo<|im_end|>\n", ["Yo" + EOT]),
     ("llama3", "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
                "<|start_header_id|>assistant<|end_header_id|>\n\nYo<|eot_id|>", ["Yo<|eot_id|>"]),
     ("mistral", "[INST] Hi [/INST]Yo<|im_end|>", ["Yo<|im_end|>"]),

@@ -194,6 +194,9 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny, capsys, tmp_path):
     fieldless = tmp_path / "fieldless.jsonl"
     fieldless.write_text('{"instruction": "a question without an answer"}\n')
     assert "output" in _fails(capsys, {**tiny, "data": str(fieldless)}, out)
+    assert main(["train", *_args(tiny, out, "max_steps=1", "template=qwen3_think")]) == 1
+    err = capsys.readouterr().err
+    assert "unknown template 'qwen3_think'" in err and "loading" not in err  # checked before the model loads
     assert not out.exists()
     out.mkdir()
     (out / "adapter_config.json").write_text("{}")

@@ -159,6 +159,8 @@ TEMPLATES: dict[str, BuiltinTemplate] = {
     "chatml": _CHATML,
     "qwen": replace(_CHATML, name="qwen",
                     default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant."),
+    # LLaMA-Factory's name for Qwen3 without thinking: ChatML with no default system prompt
+    "qwen3_nothink": replace(_CHATML, name="qwen3_nothink"),
     "llama3": BuiltinTemplate(
         name="llama3",
         prefix="{bos}",
@@ -194,7 +196,8 @@ def check_template(name: str | None) -> str | None:
     if name is None or name in DEFAULT_NAMES:
         return None
     if name not in TEMPLATES:
-        raise DataError(f"unknown template {name!r}; known: default (the tokenizer's own), {', '.join(TEMPLATES)}")
+        raise DataError(f"unknown template {name!r}; known: {', '.join(TEMPLATES)}, or leave template empty to use "
+                        "the tokenizer's own chat template")
     return name
 
 

@@ -105,8 +105,8 @@ class TrainConfig:
     dataset_dir: str = "data"
     """Folder holding dataset_info.json and the data files."""
     template: str | None = None
-    """Chat template: empty uses the tokenizer's own; or a built-in name (chatml, llama3, qwen, alpaca, mistral,
-    empty)."""
+    """Chat template: empty uses the tokenizer's own; or a built-in name (chatml, qwen, qwen3_nothink, llama3,
+    alpaca, mistral, empty)."""
     cutoff_len: int = 2048
     """Longest example in tokens; longer ones are truncated (and counted)."""
     max_samples: int | None = None

@@ -8,7 +8,15 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data import DataError, encode_records, get_template, load_records, pack_examples, split_validation
+from ..data import (
+    DataError,
+    check_template,
+    encode_records,
+    get_template,
+    load_records,
+    pack_examples,
+    split_validation,
+)
 from ..models import ModelError, resolve_model
 from .checkpoint import PREFIX, CheckpointError, resolve_resume
 from .config import TrainConfig
@@ -46,6 +54,10 @@ def preflight(cfg: TrainConfig) -> Plan:
     records, model_path, resume = [], None, None
     try:
         records = load_records(cfg.dataset, cfg.dataset_dir, cfg.stage, cfg.max_samples)
+    except DataError as exc:
+        problems.append(str(exc))
+    try:
+        check_template(cfg.template)
     except DataError as exc:
         problems.append(str(exc))
     try:
