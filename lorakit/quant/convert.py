@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 
 import torch
 from torch import nn
@@ -32,6 +33,10 @@ class QuantizationError(ValueError):
 
 def require(package: str, purpose: str, alternatives: str) -> object:
     """Import `package` or raise a QuantizationError that says what needs it and what else would do."""
+    if package == "bitsandbytes":
+        # bitsandbytes' CPU backend tries to fetch an optional kernel from the Hugging Face hub at import and warns
+        # when it can't (always, offline); its built-in kernels are what it then uses, so the warning is noise
+        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         return importlib.import_module(package)
     except ImportError:
