@@ -281,6 +281,10 @@ class LoraLinear(LoraLayer):
         if name in self.lora_magnitude_vector:
             lora_out = lora_B(lora_A(x_lora))  # (..., out)
             return self._dora_forward(name, x_lora, result, lora_out, reuse_base=isinstance(dropout, nn.Identity))
+        if not torch.is_grad_enabled() and result.dtype == lora_B.weight.dtype:
+            # inference (e.g. each decoding step): fewer ops and no new output tensor; same numbers
+            h = F.linear(x_lora, lora_A.weight)  # (..., r)
+            return result.add_(F.linear(h, lora_B.weight), alpha=self.scaling[name])  # (..., out)
         lora_out = lora_B(lora_A(x_lora) * self.scaling[name])  # (..., r) -> (..., out)
         return result + lora_out.to(result.dtype)
 
