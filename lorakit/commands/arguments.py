@@ -12,10 +12,8 @@ YAML's. Unknown keys are errors with a "did you mean"; every problem is reported
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import difflib
-import inspect
 import sys
 import textwrap
 import types
@@ -23,7 +21,7 @@ import typing
 from pathlib import Path
 
 from ..train.config import ConfigError
-from ..train.options import read_yaml
+from ..train.options import field_docs, read_yaml
 
 # LLaMA-Factory keys that change nothing for chat / eval / merge here: accepted and reported.
 IGNORED_KEYS = frozenset({
@@ -162,17 +160,6 @@ def coerce(value, hint):
 
 def _looks_numeric(text: str) -> bool:
     return text.strip().lower() not in ("nan", "inf", "-inf", "infinity", "-infinity", "+inf")
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """Field name -> the docstring written under it in the dataclass (one line)."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
-    docs = {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = " ".join(str(nxt.value.value).split())
-    return docs
 
 
 def keys_help(cls: type, flags: dict[str, str] | None = None, width: int = 100) -> str:

@@ -163,9 +163,10 @@ def _coerce(value, hint):
 # ---------------------------------------------------------------- generated reference
 
 
-def field_docs() -> dict[str, str]:
-    """Field name -> the docstring written under it in TrainConfig (one line)."""
-    tree = ast.parse(inspect.getsource(TrainConfig))
+def field_docs(cls: type = TrainConfig) -> dict[str, str]:
+    """Field name -> the docstring written under it in the dataclass `cls` (one line); `lorakit JOB --help` and the
+    README's key tables are generated from these."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body
     docs = {}
     for node, nxt in zip(body, body[1:]):
