@@ -42,6 +42,7 @@ def run_train(args: list[str]) -> int:
 
         print(USAGE_TRAIN + config_help())
         return 0
+    from .commands.arguments import fail
     from .data import DataError
     from .models import ModelError
     from .train import CheckpointError, ConfigError, TrainError, load_config, train
@@ -50,7 +51,7 @@ def run_train(args: list[str]) -> int:
     try:
         config, ignored = load_config(path, overrides)
     except ConfigError as exc:
-        return _fail("train", exc, 2)
+        return fail("train", exc, 2)
     if ignored:
         print(f"lorakit train: ignoring keys that change nothing here: {', '.join(ignored)}", file=sys.stderr)
     try:
@@ -58,21 +59,11 @@ def run_train(args: list[str]) -> int:
     except (TrainError, DataError, ModelError, CheckpointError, ValueError) as exc:
         if os.environ.get("LORAKIT_DEBUG"):
             raise
-        return _fail("train", exc, 1)
+        return fail("train", exc, 1)
     except KeyboardInterrupt:  # before the loop started, or a second Ctrl-C inside it
         print("lorakit train: aborted", file=sys.stderr)
         return 130
     return 130 if results.get("status") == "interrupted" else 0
-
-
-def _fail(job: str, exc: BaseException, status: int) -> int:
-    """Print `lorakit JOB: error: ...` (one line unless it lists several problems); returns `status`."""
-    text = str(exc).strip() or type(exc).__name__
-    if isinstance(exc, OSError) and exc.errno is None and exc.args and isinstance(exc.args[0], str):
-        text = exc.args[0]
-    joiner = "\n" if "\n" in text else ""
-    print(f"lorakit {job}: error: {joiner}{text}", file=sys.stderr)
-    return status
 
 
 def run_chat(args: list[str]) -> int:

@@ -10,13 +10,11 @@ Everything is checked (keys, adapter directories, base model, template) before t
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..cli import _fail as fail
-from .arguments import ConfigError, keys_help, parse_command, say, wants_help
+from .arguments import ConfigError, run_command, say
 
 USAGE = """usage: lorakit chat [CONFIG.yaml] [KEY=VALUE ...] [--adapter DIR | --adapter NAME=DIR ...] [--model M]
                     [--temperature T] [--top_p P] [--top_k K] [--max_new_tokens N] [--repetition_penalty R]
@@ -144,25 +142,7 @@ def load_for_inference(job: str, adapters: str | None, model_name_or_path: str |
 
 def run_chat(argv: list[str]) -> int:
     """`lorakit chat`: exit status 0 done, 1 bad input (files, model), 2 bad settings, 130 interrupted."""
-    if wants_help(argv):
-        print(USAGE + keys_help(ChatArgs, FLAGS))
-        return 0
-    try:
-        args, ignored = parse_command(ChatArgs, argv, ALIASES)
-    except ConfigError as exc:
-        return fail("chat", exc, 2)
-    if ignored:
-        say("chat", f"ignoring keys that change nothing here: {', '.join(ignored)}")
-    try:
-        session = open_session(args)
-    except KeyboardInterrupt:
-        print("lorakit chat: aborted", file=sys.stderr)
-        return 130
-    except (ValueError, OSError) as exc:  # ModelError, DataError, ConfigError are ValueErrors
-        if os.environ.get("LORAKIT_DEBUG"):
-            raise
-        return fail("chat", exc, 1)
-    return converse(session, args)
+    return run_command("chat", argv, ChatArgs, USAGE, FLAGS, ALIASES, lambda args: converse(open_session(args), args))
 
 
 def open_session(args: ChatArgs):

@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..cli import _fail as fail
-from .arguments import ConfigError, keys_help, parse_command, say, wants_help
+from .arguments import ConfigError, run_command, say
 
 USAGE = """usage: lorakit eval [CONFIG.yaml] [KEY=VALUE ...] [--adapter DIR | --adapter NAME=DIR ...] [--model M]
                     --dataset DATA [--dataset_dir DIR] [--max_samples N] [--output results.json]
@@ -101,26 +99,13 @@ class EvalArgs:
 
 def run_eval(argv: list[str]) -> int:
     """`lorakit eval`: exit status 0 done, 1 bad input (data, files, model), 2 bad settings, 130 interrupted."""
-    if wants_help(argv):
-        print(USAGE + keys_help(EvalArgs, FLAGS))
-        return 0
-    try:
-        args, ignored = parse_command(EvalArgs, argv, ALIASES)
-    except ConfigError as exc:
-        return fail("eval", exc, 2)
-    if ignored:
-        say("eval", f"ignoring keys that change nothing here: {', '.join(ignored)}")
-    try:
-        report = evaluate(args)
-    except KeyboardInterrupt:
-        print("lorakit eval: aborted; nothing written", file=sys.stderr)
-        return 130
-    except (ValueError, OSError) as exc:
-        if os.environ.get("LORAKIT_DEBUG"):
-            raise
-        return fail("eval", exc, 1)
+    return run_command("eval", argv, EvalArgs, USAGE, FLAGS, ALIASES, evaluate_and_report, "aborted; nothing written")
+
+
+def evaluate_and_report(args: EvalArgs) -> int:
     from ..evaluate import format_table
 
+    report = evaluate(args)
     print(format_table(report["models"]))
     if args.output:
         write_json(Path(args.output), report)

@@ -15,15 +15,12 @@ only when complete.
 from __future__ import annotations
 
 import math
-import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from ..cli import _fail as fail
 from ..lora.combine import COMBINATIONS, FACTORED
-from .arguments import ConfigError, keys_help, parse_command, say, wants_help
+from .arguments import ConfigError, run_command, say
 
 USAGE = """usage: lorakit merge [CONFIG.yaml] [KEY=VALUE ...] [--adapter DIR | --adapter NAME=DIR ...] [--model M]
                      --export_dir DIR [--format hf|gguf|gguf-lora] [--quant f32|f16|bf16|q8_0]
@@ -176,25 +173,13 @@ class MergeArgs:
 
 def run_merge(argv: list[str], job: str = "merge") -> int:
     """`lorakit merge`: exit status 0 done, 1 bad input (files, model, export), 2 bad settings, 130 interrupted."""
-    if wants_help(argv):
-        print(USAGE.replace("lorakit merge", f"lorakit {job}", 1) + keys_help(MergeArgs, FLAGS))
-        return 0
-    try:
-        args, ignored = parse_command(MergeArgs, argv, ALIASES)
-    except ConfigError as exc:
-        return fail(job, exc, 2)
-    if ignored:
-        say(job, f"ignoring keys that change nothing here: {', '.join(ignored)}")
-    try:
-        report = merge(args, job)
-    except KeyboardInterrupt:
-        print(f"lorakit {job}: aborted; nothing written", file=sys.stderr)
-        return 130
-    except (ValueError, OSError) as exc:
-        if os.environ.get("LORAKIT_DEBUG"):
-            raise
-        return fail(job, exc, 1)
-    say(job, describe(report))
+    usage = USAGE.replace("lorakit merge", f"lorakit {job}", 1)
+    return run_command(job, argv, MergeArgs, usage, FLAGS, ALIASES, lambda args: merge_and_report(args, job),
+                       "aborted; nothing written")
+
+
+def merge_and_report(args: MergeArgs, job: str) -> int:
+    say(job, describe(merge(args, job)))
     return 0
 
 
