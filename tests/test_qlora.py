@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from cli_setup import save_tiny_model
 from conftest import make_model, make_tokenizer, tiny_config
 from safetensors.torch import load_file
 
@@ -200,15 +201,8 @@ def test_merge_policy_can_requantize(tokens):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from transformers import AutoModelForCausalLM
-
     root = tmp_path_factory.mktemp("qlora")
-    tokenizer = make_tokenizer()
-    config = tiny_config("llama", vocab=len(tokenizer))
-    config.pad_token_id, config.eos_token_id, config.bos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id, None
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
+    save_tiny_model(root / "model")
     facts = [("What is the VPN address?", "It is vpn.example."), ("Say some digits.", "0123456789")]
     records = [{"instruction": q, "input": "", "output": a} for q, a in facts * 8]
     (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))

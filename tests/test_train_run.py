@@ -8,7 +8,7 @@ import signal
 
 import pytest
 import torch
-from conftest import make_tokenizer, tiny_config
+from cli_setup import save_tiny_model
 from safetensors.torch import load_file
 
 from lorakit.cli import main
@@ -23,15 +23,8 @@ FACTS = [("What is the VPN address?", "It is vpn.example."),
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """{"model": dir of a 2-layer Llama + tokenizer, "data": alpaca JSONL, "root": a scratch folder}."""
-    from transformers import AutoModelForCausalLM
-
     root = tmp_path_factory.mktemp("train")
-    tokenizer = make_tokenizer()
-    config = tiny_config("llama", vocab=len(tokenizer))
-    config.pad_token_id, config.eos_token_id, config.bos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id, None
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
+    save_tiny_model(root / "model")
     records = [{"instruction": q, "input": "", "output": a} for q, a in FACTS * 6]
     (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return {"model": str(root / "model"), "data": str(root / "data.jsonl"), "root": root}
