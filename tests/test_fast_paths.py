@@ -125,3 +125,44 @@ def test_lora_linear_fast_forward_matches_the_formula(autocast):
     want_grads = torch.autograd.grad(want.float().sum(), (x, a, b))
     for g, w in zip(grads, want_grads):
         torch.testing.assert_close(g, w, rtol=5e-2 if autocast else 1e-4, atol=5e-2 if autocast else 1e-5)
+
+
+def test_no_grad_inference_path_matches_the_formula_and_follows_changes():
+    torch.manual_seed(0)
+    model = _lora("qwen2")
+    layer = model.model.layers[0].self_attn.q_proj  # has a bias
+    x = torch.randn(3, 1, layer.in_features)  # one decoding step
+    b = layer.lora_B["default"].weight
+
+    def formula() -> torch.Tensor:
+        a, b = layer.lora_A[layer.active_adapter].weight, layer.lora_B[layer.active_adapter].weight
+        return layer.base_layer(x) + (x @ a.T) @ b.T * layer.scaling[layer.active_adapter]
+
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), formula(), rtol=1e-5, atol=1e-6)
+        b.mul_(3)  # in-place updates are seen (the path holds the parameters, not copies)
+        torch.testing.assert_close(layer(x), formula(), rtol=1e-5, atol=1e-6)
+        layer.add_adapter("other", r=2, lora_alpha=8, init="gaussian")
+        layer.lora_B["other"].weight.normal_()
+        torch.testing.assert_close(layer(x), formula(), rtol=1e-5, atol=1e-6)  # the new adapter is active
+        layer.active_adapter = "default"
+        torch.testing.assert_close(layer(x), formula(), rtol=1e-5, atol=1e-6)
+        replaced = nn.Linear(layer.in_features, layer.out_features)  # a swapped base (e.g. dequantized)
+        layer.base_layer = replaced
+        torch.testing.assert_close(layer(x), formula(), rtol=1e-5, atol=1e-6)
+        with torch.enable_grad():
+            slow = layer(x)
+        torch.testing.assert_close(layer(x), slow, rtol=1e-5, atol=1e-6)
+
+
+def test_no_grad_inference_path_leaves_training_dropout_alone():
+    torch.manual_seed(0)
+    model = _lora("llama", lora_dropout=0.5)
+    layer = model.model.layers[0].mlp.up_proj
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+        x = torch.randn(4, 3, layer.in_features)
+        layer.eval()
+        assert torch.equal(layer(x), layer(x))  # eval: no dropout, deterministic
+        layer.train()
+        assert not torch.equal(layer(x), layer(x))  # train mode keeps dropping the adapter's input

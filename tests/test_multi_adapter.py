@@ -48,6 +48,31 @@ def test_mixed_batch_rows_equal_single_adapter_runs(three):
         torch.testing.assert_close(mixed[row], single(three, name, tokens[row:row + 1])[0], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+def test_one_token_rows_take_the_masked_path_and_equal_single_runs(three, grad):
+    g = torch.Generator().manual_seed(7)
+    tokens = torch.randint(3, VOCAB, (5, 1), generator=g)  # one token per row, as in a decoding step
+    names = ["b", "a", "__base__", "a", "c"]
+    with torch.set_grad_enabled(grad):
+        mixed = three(tokens, adapter_names=names).logits
+        again = three(tokens, adapter_names=names).logits  # the cached stacks and masks give the same rows
+    assert mixed.requires_grad == grad
+    torch.testing.assert_close(again, mixed, atol=0, rtol=0)
+    for row, name in enumerate(names):
+        torch.testing.assert_close(mixed[row], single(three, name, tokens[row:row + 1])[0], atol=1e-5, rtol=1e-5)
+
+
+def test_mixed_stacks_follow_weight_updates_between_calls(three):
+    tokens = torch.randint(3, VOCAB, (2, 1), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        before = three(tokens, adapter_names=["a", "b"]).logits
+        three.model.model.layers[0].mlp.up_proj.lora_B["a"].weight.mul_(5)  # (q_proj: no effect on one token)
+        after = three(tokens, adapter_names=["a", "b"]).logits
+    assert not torch.allclose(before[0], after[0])
+    torch.testing.assert_close(after[0], single(three, "a", tokens[:1])[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(after[1], before[1], atol=1e-6, rtol=1e-6)
+
+
 def test_mixed_generate_equals_single_generate(three):
     g = torch.Generator().manual_seed(6)
     prompts = torch.randint(3, VOCAB, (4, 6), generator=g)

@@ -82,6 +82,12 @@ class LoraLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.routing: mixed.Routing | None = None  # set only for the duration of a mixed-batch call
         self._dora_factors: dict[str, torch.Tensor] = {}
+        self._plain: tuple | None = None  # LoraLinear's inference fast path: parameters of the active adapter
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "base_layer":  # e.g. quantizing or dequantizing the base in place: re-read its parameters
+            self.__dict__["_plain"] = None
+        super().__setattr__(name, value)
 
     # --- the parts a variant defines -------------------------------------------------------------------------
     def delta_weight(self, name: str) -> torch.Tensor:
@@ -105,6 +111,7 @@ class LoraLayer(nn.Module):
         return bool(self.merged_adapters)
 
     def _set_scalars(self, name: str, r: int, lora_alpha: float, use_rslora: bool, dropout: float) -> None:
+        self._plain = None
         self.r[name] = r
         self.lora_alpha[name] = lora_alpha
         self.scaling[name] = lora_alpha / (r**0.5) if use_rslora else lora_alpha / r
@@ -160,6 +167,7 @@ class LoraLayer(nn.Module):
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
             raise ValueError(f"adapter '{name}' is merged; unmerge it before deleting it")
+        self._plain = None
         self._drop_adapter_params(name)
         for table in (self.r, self.lora_alpha, self.scaling):
             table.pop(name, None)
@@ -258,12 +266,41 @@ class LoraLinear(LoraLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.routing is None and self._runs_adapter():
+            if not torch.is_grad_enabled() and not args and not kwargs:
+                result = self._inference_forward(x)
+                if result is not None:
+                    return result
             return self._adapter_forward(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         if self.routing is not None:
-            delta = mixed.linear_delta(self, x)
-            return result if delta is None else result + delta.to(result.dtype)
+            return mixed.add_linear_delta(self, x, result)
         return result
+
+    def _inference_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """No-grad plain LoRA over an nn.Linear at one dtype (each decoding step): W0 x + b, then the rank-r
+        product added into that output in place by one fused multiply-add. None when the case is not that one.
+        The parameters it reads are looked up once per active adapter (`_plain`), not on every token."""
+        plain = self._plain
+        if plain is None or plain[0] != self.active_adapter:
+            plain = self._plain = self._plain_parts()
+        _, weight, bias, a, b, scaling, dropout = plain
+        if weight is None or x.dtype != weight.dtype or a.dtype != weight.dtype:
+            return None
+        if (dropout and self.training) or torch.is_autocast_enabled(x.device.type):
+            return None
+        result = F.linear(x, weight, bias)  # (..., out), a new contiguous tensor
+        h = F.linear(x, a)  # (..., r)
+        result.view(-1, weight.shape[0]).addmm_(h.view(-1, h.shape[-1]), b.t(), alpha=scaling)
+        return result
+
+    def _plain_parts(self) -> tuple:
+        """(adapter, W0, bias, A, B, scaling, has dropout); W0 None where the fast path does not apply."""
+        base, name = self.base_layer, self.active_adapter
+        if type(base) is not nn.Linear or name in self.lora_magnitude_vector:
+            return (name, None, None, None, None, None, None)
+        dropout = not isinstance(self.lora_dropout[name], nn.Identity)
+        return (name, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
+                self.scaling[name], dropout)
 
     def _adapter_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """W0 x + B (scaling * A dropout(x)), the scaling applied on the rank-r side (r columns, not out)."""

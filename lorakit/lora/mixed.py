@@ -4,17 +4,22 @@ The adapters present in a batch are stacked once per layer, ranks zero-padded to
 into B, plus an all-zero slot for rows that want the base model:
 
     A_stack (N+1, R, in),  B_stack (N+1, out, R)
-    delta[b] = x[b] @ A_stack[slot[b]]^T @ B_stack[slot[b]]^T          two batched matmuls, no per-adapter loop
+    prompt (T > 1):  delta[b] = x[b] @ A_stack[slot[b]]^T @ B_stack[slot[b]]^T     two batched matmuls
+    one token:       delta = ((x @ A_cat^T) * mask) @ B_cat^T                       A_cat (N*R, in), mask (B, N*R)
 
-Zero-padding is exact: the padded rank directions contribute 0 * x. The stacks are cached per layer and rebuilt
-when the set of adapters or any of their weights changes (tensor version counters).
+Decoding steps take the second form: every adapter's A in one matmul, a 0/1 mask keeping each row's own block of
+rank columns, one matmul with every B, added into the base output in place; at one token per row that is cheaper
+than gathering per-row weights (N times the rank flops, which are tiny next to the base weights).
+Zero-padding is exact: the padded rank directions contribute 0 * x. The stacks are cached per layer, checked once
+per mixed call (Routing) and rebuilt when the set of adapters or any of their weights changes (version counters).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 BASE = "__base__"
@@ -26,6 +31,7 @@ class Routing:
 
     names: tuple[str, ...]
     slot: torch.Tensor  # (B,) long
+    masks: dict = field(default_factory=dict, compare=False, repr=False)  # (rows, R, dtype) -> (rows, N*R)
 
     @classmethod
     def from_adapter_names(cls, adapter_names: list[str], known: set[str], device: torch.device) -> "Routing":
@@ -46,6 +52,15 @@ class Routing:
             return self.slot.repeat_interleave(batch // n)
         raise ValueError(f"adapter_names has {n} entries but the batch has {batch} rows")
 
+    def block_mask(self, batch: int, rank: int, like: torch.Tensor) -> torch.Tensor:
+        """(batch, N*rank) 0/1: row b keeps the rank columns of its own adapter (none for the base model)."""
+        key = (batch, rank, like.dtype)
+        mask = self.masks.get(key)
+        if mask is None:
+            owner = torch.arange(len(self.names) * rank, device=like.device) // rank  # adapter of each column
+            mask = self.masks[key] = (owner[None] == self.rows_for(batch)[:, None].to(like.device)).to(like.dtype)
+        return mask
+
 
 def _stack_key(layer: nn.Module, names: tuple[str, ...], tables: tuple[str, str]) -> tuple:
     versions = []
@@ -59,13 +74,28 @@ def _stack_key(layer: nn.Module, names: tuple[str, ...], tables: tuple[str, str]
     return names, tuple(versions)
 
 
-def _stacks(layer: nn.Module, names: tuple[str, ...], tables: tuple[str, str]) -> tuple[torch.Tensor, ...] | None:
-    """(A_stack (N+1, R, in), B_stack (N+1, out, R)), scaling folded into B, zeros where an adapter is absent;
-    None when no adapter of the batch lives in this layer."""
-    key = _stack_key(layer, names, tables)
+@dataclass(frozen=True)
+class Stacks:
+    a: torch.Tensor  # (N+1, R, in); slot N is the base model's zeros
+    b: torch.Tensor  # (N+1, out, R), scaling folded in
+    b_cat: torch.Tensor  # (N*R, out): every adapter's B^T, blocks in slot order
+
+    @property
+    def a_cat(self) -> torch.Tensor:
+        return self.a[:-1].reshape(-1, self.a.shape[-1])  # (N*R, in), a view
+
+
+def _stacks(layer: nn.Module, routing: Routing, tables: tuple[str, str]) -> Stacks | None:
+    """The layer's stacks for this batch's adapters, zeros where an adapter is absent; None when no adapter of the
+    batch lives in this layer. Checked against the weights once per mixed call, then reused at every step."""
     cached = getattr(layer, "_mixed_cache", None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
+    if cached is not None and cached[0] is routing:
+        return cached[2]
+    names = routing.names
+    key = _stack_key(layer, names, tables)
+    if cached is not None and cached[1] == key:
+        layer._mixed_cache = (routing, key, cached[2])
+        return cached[2]
     a_table, b_table = (getattr(layer, t) for t in tables)
     if any(n in layer.lora_magnitude_vector for n in names):
         raise ValueError("mixed-batch inference does not support DoRA adapters; merge them or use set_adapter()")
@@ -82,8 +112,9 @@ def _stacks(layer: nn.Module, names: tuple[str, ...], tables: tuple[str, str]) -
                     r = layer.r[name]
                     a_stack[i, :r] = _weight(a_table[name])
                     b_stack[i, :, :r] = _weight(b_table[name]) * layer.scaling[name]
-        stacks = (a_stack, b_stack)
-    layer._mixed_cache = (key, stacks)
+            b_cat = b_stack[:-1].transpose(1, 2).reshape(-1, b_stack.shape[1])  # (N*R, out), a copy
+        stacks = Stacks(a_stack, b_stack, b_cat)
+    layer._mixed_cache = (routing, key, stacks)
     return stacks
 
 
@@ -91,27 +122,33 @@ def _weight(entry: nn.Module | torch.Tensor) -> torch.Tensor:
     return entry.weight if isinstance(entry, nn.Module) else entry
 
 
-def linear_delta(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """Per-row scaling * B A x for a LoraLinear (None: no adapter of this batch in this layer)."""
+def add_linear_delta(layer: nn.Module, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    """result + per-row scaling * B A x for a LoraLinear; in place when no gradient is wanted."""
     routing = layer.routing
-    stacks = _stacks(layer, routing.names, ("lora_A", "lora_B"))
+    stacks = _stacks(layer, routing, ("lora_A", "lora_B"))
     if stacks is None:
-        return None
-    a_stack, b_stack = stacks
-    slot = routing.rows_for(x.shape[0])
-    x3 = x.reshape(x.shape[0], -1, x.shape[-1]).to(a_stack.dtype)  # (B, T, in)
-    h = torch.bmm(x3, a_stack[slot].transpose(1, 2))  # (B, T, R)
-    y = torch.bmm(h, b_stack[slot].transpose(1, 2))  # (B, T, out)
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+        return result
+    batch = x.shape[0]
+    x3 = x.reshape(batch, -1, x.shape[-1]).to(stacks.a.dtype)  # (B, T, in)
+    if x3.shape[1] == 1:  # one token per row (decoding): all adapters' A at once, masked to each row's own
+        h = F.linear(x3.reshape(batch, -1), stacks.a_cat)  # (B, N*R)
+        h = h * routing.block_mask(batch, stacks.a.shape[1], h)
+        if not torch.is_grad_enabled() and result.dtype == h.dtype and result.is_contiguous():
+            return result.view(batch, -1).addmm_(h, stacks.b_cat).view(result.shape)
+        return result + (h @ stacks.b_cat).to(result.dtype).view(result.shape)
+    slot = routing.rows_for(batch)
+    h = torch.bmm(x3, stacks.a[slot].transpose(1, 2))  # (B, T, R)
+    y = torch.bmm(h, stacks.b[slot].transpose(1, 2))  # (B, T, out)
+    return result + y.reshape(result.shape).to(result.dtype)
 
 
 def embedding_delta(layer: nn.Module, ids: torch.Tensor) -> torch.Tensor | None:
     """Per-row scaling * (A^T[ids]) B^T for a LoraEmbedding; A is (r, vocab), so A^T[ids] is a row lookup."""
     routing = layer.routing
-    stacks = _stacks(layer, routing.names, ("lora_embedding_A", "lora_embedding_B"))
+    stacks = _stacks(layer, routing, ("lora_embedding_A", "lora_embedding_B"))
     if stacks is None:
         return None
-    a_stack, b_stack = stacks
+    a_stack, b_stack = stacks.a, stacks.b
     slot = routing.rows_for(ids.shape[0])
     ids2 = ids.reshape(ids.shape[0], -1)  # (B, T)
     h = a_stack.transpose(1, 2)[slot[:, None].expand_as(ids2), ids2]  # (B, T, R)
