@@ -31,6 +31,9 @@ VARIANTS = [
      {"packing": True, "chunked": True, "amp": True}),
     ("bf16 autocast, packed, chunked, bf16 base", "frozen base weights stored in bf16",
      "bf16 autocast, packed, chunked, fp32 base", {"packing": True, "chunked": True, "amp": True, "bf16_base": True}),
+    ("bf16, packed, chunked, bf16 base, attention per example", "attention per example inside a packed row",
+     "bf16 autocast, packed, chunked, bf16 base",
+     {"packing": True, "chunked": True, "amp": True, "bf16_base": True, "packed_attention": True}),
 ]
 
 
@@ -71,8 +74,11 @@ def one_pass(model, pad_id: int, examples: list[dict], settings: dict) -> float:
     import torch
 
     from lorakit.data import collate_packed, pack_examples, pad_collate
+    from lorakit.train.attention import NAME, use_packed_attention
     from lorakit.train.loss import causal_lm_loss
 
+    use_packed_attention(model)  # registers it; each variant then picks its attention by name
+    model.config._attn_implementation = NAME if settings.get("packed_attention") else "sdpa"
     if settings["packing"]:
         batches = [collate_packed([row], pad_id) for row in pack_examples(examples, 512)]
     else:

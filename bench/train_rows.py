@@ -8,8 +8,9 @@ only in how the step is computed:
 - peft: `get_peft_model`, micro-batches of 4 padded to the longest by `DataCollatorForSeq2Seq`, the model's own
   loss over full (B, T, vocab) logits.
 - lorakit: `get_lora_model`, the step's examples packed into rows of <= cutoff_len tokens (one row per
-  micro-batch, no padding inside a row), the output head only on label tokens in chunks (`causal_lm_loss`), and
-  under bf16 autocast the frozen base weights kept in bf16 (`store_frozen_base`).
+  micro-batch, no padding inside a row), attention run per example inside a row (`use_packed_attention`), the
+  output head only on label tokens in chunks (`causal_lm_loss`), and under bf16 autocast the frozen base weights
+  kept in bf16 (`store_frozen_base`).
 """
 
 from __future__ import annotations
@@ -155,6 +156,10 @@ class LorakitImpl:
         self.model = get_lora_model(model, config).get_base_model()
         self.pad_id = tokenizer.pad_token_id
         self.cutoff, self.packing, self.micro = spec["cutoff_len"], spec.get("packing", True), spec["micro_batch"]
+        if self.packing and spec.get("packed_attention", True):
+            from lorakit.train.attention import use_packed_attention
+
+            use_packed_attention(self.model)
 
     def micro_batches(self, examples: list[dict]):
         from lorakit.data import collate_packed, pack_examples, pad_collate

@@ -166,3 +166,111 @@ def test_no_grad_inference_path_leaves_training_dropout_alone():
         assert torch.equal(layer(x), layer(x))  # eval: no dropout, deterministic
         layer.train()
         assert not torch.equal(layer(x), layer(x))  # train mode keeps dropping the adapter's input
+
+
+# ---------------------------------------------------------------- attention per example in packed rows
+
+
+def _sdpa_lora(arch: str):
+    from conftest import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, VOCAB), attn_implementation="sdpa")
+    config = LoraConfig(r=4, target_modules="all-linear", init_lora_weights="gaussian")
+    return get_lora_model(model, config).get_base_model()
+
+
+def _packed_batch(lengths=(5, 9, 3, 12, 7), width: int = 24) -> tuple[dict, list[list[int]]]:
+    from lorakit.data import collate_packed, pack_examples
+
+    g = torch.Generator().manual_seed(3)
+    examples = []
+    for n in lengths:
+        ids = torch.randint(3, VOCAB, (n,), generator=g).tolist()
+        examples.append({"input_ids": ids, "labels": [-100] * 2 + ids[2:]})
+    return collate_packed(pack_examples(examples, width), 0), [e["input_ids"] for e in examples]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2's tiny config has grouped key/value heads
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_packed_attention_per_example_matches_the_masked_route(arch, autocast, monkeypatch):
+    from lorakit.train import attention
+    from lorakit.train.attention import NAME, use_packed_attention
+
+    model = _sdpa_lora(arch)
+    batch, _ = _packed_batch()
+    assert batch["position_ids"].shape[0] == 2 and (batch["position_ids"] == 0).sum() > 2  # really packed
+    params = [p for p in model.parameters() if p.requires_grad]
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
+
+    def run():
+        with ctx:
+            total, count = causal_lm_loss(model, batch, chunk_size=7)
+        return total / count, torch.autograd.grad(total / count, params)
+
+    want, want_grads = run()
+    assert use_packed_attention(model) and model.config._attn_implementation == NAME
+    monkeypatch.setattr(attention, "_sdpa", lambda: pytest.fail("a packed batch took the masked route"))
+    got, grads = run()
+    tol = {"rtol": 2e-2, "atol": 2e-2} if autocast else {"rtol": 1e-5, "atol": 1e-6}
+    torch.testing.assert_close(got, want, **tol)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w, **({"rtol": 5e-2, "atol": 5e-3} if autocast else {"rtol": 1e-4, "atol": 1e-5}))
+
+
+def test_packed_attention_keeps_examples_apart_and_leaves_other_calls_alone():
+    from lorakit.train.attention import mark_packed, use_packed_attention
+
+    model = _sdpa_lora("llama").eval()
+    batch, examples = _packed_batch()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 0, 0]])
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
+    with torch.no_grad():
+        padded_before = model(input_ids=ids, attention_mask=mask).logits
+        use_packed_attention(model)
+        mark_packed(batch["position_ids"])
+        hidden = model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                             use_cache=False).last_hidden_state  # (2, 24, H)
+        checked = 0
+        for row in range(2):  # every example of each row equals that example run by itself
+            starts = (batch["position_ids"][row] == 0).nonzero().flatten().tolist() + [batch["input_ids"].shape[1]]
+            for s, e in zip(starts, starts[1:]):
+                ids_here = batch["input_ids"][row, s:e].tolist()
+                if ids_here not in examples:
+                    continue  # the padding tail
+                alone = model.model(input_ids=torch.tensor([ids_here])).last_hidden_state[0]
+                torch.testing.assert_close(hidden[row, s:e], alone, rtol=1e-5, atol=1e-5)
+                checked += 1
+        assert checked == len(examples)
+        # outside a packed forward (padding mask, generation with a cache) it is transformers' SDPA unchanged
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, padded_before, rtol=0, atol=0)
+        out = model.generate(ids[:1], max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 9)
+
+
+def test_packed_attention_survives_gradient_checkpointing(monkeypatch):
+    from lorakit.train import attention
+    from lorakit.train.attention import use_packed_attention
+
+    model = _sdpa_lora("llama")
+    batch, _ = _packed_batch()
+    params = [p for p in model.parameters() if p.requires_grad]
+    total, count = causal_lm_loss(model, batch)
+    want = torch.autograd.grad(total / count, params)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model.train()
+    use_packed_attention(model)
+    monkeypatch.setattr(attention, "_sdpa", lambda: pytest.fail("the recompute took the masked route"))
+    total, count = causal_lm_loss(model, batch)  # the recompute in backward sees the same marked position ids
+    for g, w in zip(torch.autograd.grad(total / count, params), want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_packed_attention_only_switches_sdpa_models():
+    from lorakit.train.attention import use_packed_attention
+
+    eager = _lora("llama")  # built with eager attention
+    assert not use_packed_attention(eager)
+    assert eager.config._attn_implementation == "eager"

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .attention import mark_packed
+
 IGNORE_INDEX = -100
 # config attributes that change logits after the head; a model with any of them set takes the plain route
 _LOGIT_MODIFIERS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale",
@@ -75,6 +77,8 @@ def causal_lm_loss(model: nn.Module, batch: dict, chunked: bool = True,
     targets = shifted_targets(batch["labels"], batch.get("position_ids"))
     mask = targets != IGNORE_INDEX  # (B, T-1)
     count = int(mask.sum())
+    if "position_ids" in inputs and "attention_mask" not in inputs:
+        mark_packed(inputs["position_ids"])
     if chunked:
         hidden = model.base_model(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
         rows = hidden[:, :-1][mask]  # (N, H)

@@ -33,6 +33,8 @@ from ..data import batch_order, collate_packed, pad_collate
 from ..device import autocast_dtype, pick_device
 from ..models import load_model
 from . import checkpoint as ckpt
+from .attention import NAME as PACKED_ATTENTION
+from .attention import use_packed_attention
 from .config import TrainConfig
 from .loss import IGNORE_INDEX, causal_lm_loss, check_chunked_route, shifted_targets
 from .methods import Trainable, make_optimizer, make_trainable
@@ -331,6 +333,8 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
         enable_gradient_checkpointing(model)
     model.config.use_cache = False
     model.train()
+    if data.packed:
+        use_packed_attention(model)  # attention per example inside a packed row, not over the whole row
     trainer = Trainer(cfg, trainable, tokenizer, data, device, amp_dtype)
     reason = check_chunked_route(model, trainer.collate(trainer.epoch_order(0)[0])[0])
     trainer.chunked = reason is None
@@ -361,7 +365,9 @@ def describe_run(trainer: Trainer, model, loss_reason: str | None, resume: Path 
     precision = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}[trainer.amp_dtype]
     loss = "head on label tokens only, chunked" if loss_reason is None else f"model's own logits ({loss_reason})"
     checkpointing = "on" if cfg.gradient_checkpointing else "off"
-    say(f"precision: {precision}; loss: {loss}; gradient checkpointing: {checkpointing}")
+    attention = getattr(model.config, "_attn_implementation", None)
+    attention = "per example in packed rows (SDPA)" if attention == PACKED_ATTENTION else attention
+    say(f"precision: {precision}; loss: {loss}; attention: {attention}; gradient checkpointing: {checkpointing}")
     epochs = f"{cfg.num_train_epochs:g} epochs x " if cfg.max_steps <= 0 else "max_steps; "
     say(f"steps: {trainer.total} = {epochs}{trainer.per_epoch} steps/epoch ({trainer.n_batches} batches of "
         f"{cfg.per_device_train_batch_size}, accumulation {cfg.gradient_accumulation_steps}); warmup "
