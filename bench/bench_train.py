@@ -31,6 +31,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1, help="runs of each row; medians are reported")
     p.add_argument("--data", default="demo,alpaca")
     p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (code unchanged; GEMM peak measured there)")
+    p.add_argument("--random-init", metavar="DIR",
+                   help="a model folder's config and tokenizer with random weights (speed only, e.g. on a machine "
+                        "without the default model)")
     p.add_argument("--row", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -38,7 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def row_specs(args: argparse.Namespace) -> list[dict]:
     base = {"smoke": args.smoke, "steps": 2 if args.smoke else args.steps, "seqs_per_step": 16 if not args.smoke
             else 8, "cutoff_len": 512 if not args.smoke else 64, "micro_batch": 4,
-            "eval_examples": 32 if not args.smoke else 8}
+            "eval_examples": 32 if not args.smoke else 8, "device": args.device}
+    if args.random_init:
+        base["random_init"] = args.random_init
     specs = []
     for data in (["synthetic"] if args.smoke else args.data.split(",")):
         for precision in args.precisions.split(","):
@@ -69,6 +75,7 @@ def summarise(results: list[dict], peaks: dict) -> tuple[list[dict], str]:
         row = {"data": data, "precision": precision, "impl": impl, "runs": len(ok)}
         for key in ("tokens_per_s", "peak_rss_mb", "first_step_s", "eval_loss", "model_gflops_per_s"):
             row[key] = common.median([r[key] for r in ok])
+        row["peak_gpu_mb"] = common.median([r.get("peak_gpu_mb") for r in ok])
         row["mfu"] = row["model_gflops_per_s"] / peaks[precision]
         rows.append(row)
     by_key = {(r["data"], r["precision"], r["impl"]): r for r in rows}
@@ -77,17 +84,21 @@ def summarise(results: list[dict], peaks: dict) -> tuple[list[dict], str]:
         if r["impl"] == "lorakit" and ref and "error" not in r and "error" not in ref:
             r["speedup"] = r["tokens_per_s"] / ref["tokens_per_s"]
             r["rss_ratio"] = r["peak_rss_mb"] / ref["peak_rss_mb"]
+            if r["peak_gpu_mb"] and ref["peak_gpu_mb"]:
+                r["gpu_ratio"] = r["peak_gpu_mb"] / ref["peak_gpu_mb"]
             r["eval_loss_diff"] = r["eval_loss"] / ref["eval_loss"] - 1
-    headers = ["data", "precision", "implementation", "real tokens/s", "vs PEFT", "peak RSS (MB)", "vs PEFT",
-               "s to first step", "eval loss", "MFU"]
+    gpu = any(r.get("peak_gpu_mb") for r in rows)  # on a GPU the memory that counts is the device's
+    memory, ratio = ("peak_gpu_mb", "gpu_ratio") if gpu else ("peak_rss_mb", "rss_ratio")
+    headers = ["data", "precision", "implementation", "real tokens/s", "vs PEFT",
+               "peak GPU memory (MB)" if gpu else "peak RSS (MB)", "vs PEFT", "s to first step", "eval loss", "MFU"]
     for r in rows:
         if "error" in r:
             lines.append([r["data"], r["precision"], r["impl"], r["error"][:80]] + [None] * 6)
             continue
         name = "lorakit" if r["impl"] == "lorakit" else "PEFT + transformers"
         lines.append([r["data"], r["precision"], name, r["tokens_per_s"],
-                      f"{r['speedup']:.2f}x" if "speedup" in r else None, r["peak_rss_mb"],
-                      f"{r['rss_ratio']:.2f}x" if "rss_ratio" in r else None, r["first_step_s"],
+                      f"{r['speedup']:.2f}x" if "speedup" in r else None, r[memory],
+                      f"{r[ratio]:.2f}x" if ratio in r else None, r["first_step_s"],
                       f"{r['eval_loss']:.4f}" + (f" ({100 * r['eval_loss_diff']:+.1f}%)" if "eval_loss_diff" in r
                                                  else ""), f"{100 * r['mfu']:.1f}%"])
     return rows, common.table(headers, lines)

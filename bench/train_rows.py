@@ -143,6 +143,7 @@ class PeftImpl:
 
     def eval_loss_sum(self, examples: list[dict]) -> float:
         batch = self.collator([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples])
+        batch = {k: v.to(self.model.device) for k, v in batch.items()}
         logits = self.model(**{k: v for k, v in batch.items() if k != "labels"}).logits  # (B, T, V)
         return float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
                                                        batch["labels"][:, 1:].flatten(), reduction="sum"))
@@ -156,6 +157,9 @@ class LorakitImpl:
         self.model = get_lora_model(model, config).get_base_model()
         self.pad_id = tokenizer.pad_token_id
         self.cutoff, self.packing, self.micro = spec["cutoff_len"], spec.get("packing", True), spec["micro_batch"]
+        # CPU: one packed row per micro-batch (more rows add memory, not speed); GPU: as many rows as PEFT's
+        # micro-batch has sequences, since a small model there is bound by kernel launches per forward
+        self.rows_per_batch = spec["micro_batch"] if spec.get("device", "cpu") != "cpu" else 1
         if self.packing and spec.get("packed_attention", True):
             from lorakit.train.attention import use_packed_attention
 
@@ -168,8 +172,9 @@ class LorakitImpl:
             for i in range(0, len(examples), self.micro):
                 yield pad_collate(examples[i:i + self.micro], self.pad_id)
             return
-        for row in pack_examples(examples, self.cutoff):
-            yield collate_packed([row], self.pad_id)
+        rows = pack_examples(examples, self.cutoff)
+        for i in range(0, len(rows), self.rows_per_batch):
+            yield collate_packed(rows[i:i + self.rows_per_batch], self.pad_id)
 
     def step_loss(self, batch: dict, n_labels: int) -> torch.Tensor:
         from lorakit.train.loss import causal_lm_loss
@@ -181,7 +186,8 @@ class LorakitImpl:
         from lorakit.data import pad_collate
         from lorakit.train.loss import causal_lm_loss
 
-        return float(causal_lm_loss(self.model, pad_collate(examples, self.pad_id))[0])
+        batch = {k: v.to(self.model.device) for k, v in pad_collate(examples, self.pad_id).items()}
+        return float(causal_lm_loss(self.model, batch)[0])
 
 
 # ---------------------------------------------------------------- the row
@@ -190,14 +196,23 @@ class LorakitImpl:
 def run(spec: dict, t_start: float) -> dict:
     """Train spec["steps"] optimizer steps of spec["seqs_per_step"] examples; measure and evaluate."""
     torch.manual_seed(0)
+    device = torch.device(spec.get("device", "cpu"))
     if spec["smoke"]:
         model, tokenizer = tiny_model_and_tokenizer()
         examples = synthetic_examples(200, model.config.vocab_size)
+    elif spec.get("random_init"):  # the architecture and tokenizer of a model folder, weights drawn at random
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        config = AutoConfig.from_pretrained(spec["random_init"])
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(spec["random_init"])
+        examples = dataset_examples(spec["data"], tokenizer, spec["cutoff_len"])
     else:
         from lorakit.models import load_model
 
         model, tokenizer, _ = load_model(None, dtype="float32")
         examples = dataset_examples(spec["data"], tokenizer, spec["cutoff_len"])
+    model.to(device)
     per_step, steps = spec["seqs_per_step"], spec["steps"]
     train_ex, eval_ex = split(examples, per_step * steps, spec["eval_examples"])
     impl = (PeftImpl if spec["impl"] == "peft" else LorakitImpl)(model, tokenizer, spec)
@@ -210,7 +225,8 @@ def run(spec: dict, t_start: float) -> dict:
     model.train()
     params = [p for p in impl.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
-    autocast = (lambda: torch.autocast("cpu", dtype=amp)) if amp is not None else contextlib.nullcontext
+    autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp is not None else contextlib.nullcontext
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times, losses, first_step = [], [], None
     for step in range(steps):
         group = train_ex[step * per_step:(step + 1) * per_step]
@@ -218,6 +234,7 @@ def run(spec: dict, t_start: float) -> dict:
         t0 = time.perf_counter()
         total = 0.0
         for batch in impl.micro_batches(group):
+            batch = {k: v.to(device) for k, v in batch.items()}
             with autocast():
                 loss = impl.step_loss(batch, n_labels)
             loss.backward()
@@ -225,6 +242,7 @@ def run(spec: dict, t_start: float) -> dict:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        sync()
         times.append(time.perf_counter() - t0)
         losses.append(total)
         if first_step is None:
@@ -236,7 +254,8 @@ def run(spec: dict, t_start: float) -> dict:
     seconds = sum(times[i] for i in measured)
     tokens = sum(len(e["input_ids"]) for i in measured for e in train_ex[i * per_step:(i + 1) * per_step])
     flops = sum(model_flops(impl.model, train_ex[i * per_step:(i + 1) * per_step]) for i in measured)
+    gpu_mb = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     return {**spec, "tokens_per_s": tokens / seconds, "step_s": [round(t, 3) for t in times],
-            "peak_rss_mb": peak_rss_mb(), "first_step_s": first_step, "train_losses": losses,
+            "peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": gpu_mb, "first_step_s": first_step, "train_losses": losses,
             "eval_loss": eval_sum / label_count(eval_ex), "model_gflops_per_s": flops / seconds / 1e9,
             "threads": torch.get_num_threads()}

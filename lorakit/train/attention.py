@@ -90,6 +90,11 @@ def use_packed_attention(model: nn.Module) -> bool:
     config = getattr(model, "config", None)
     if config is None or getattr(config, "_attn_implementation", None) not in ("sdpa", NAME):
         return False
+    weight = next(model.parameters(), None)
+    if weight is not None and weight.device.type != "cpu":
+        # measured on an H200 (torch 2.11): a loop of per-example SDPA calls, each a new shape, was slower than
+        # one masked call per row there, so GPUs keep transformers' SDPA (flash-attention varlen is their route)
+        return False
     try:
         from transformers import AttentionInterface
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
