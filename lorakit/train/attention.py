@@ -92,8 +92,9 @@ def use_packed_attention(model: nn.Module) -> bool:
         return False
     weight = next(model.parameters(), None)
     if weight is not None and weight.device.type != "cpu":
-        # measured on an H200 (torch 2.11): a loop of per-example SDPA calls, each a new shape, was slower than
-        # one masked call per row there, so GPUs keep transformers' SDPA (flash-attention varlen is their route)
+        # measured on an H200 (torch 2.11, bf16): the loop of per-example SDPA calls, each a new shape, made the
+        # demo-set step about 3x slower than one masked call per row; GPUs keep transformers' SDPA (flash-attention
+        # varlen is the route there)
         return False
     try:
         from transformers import AttentionInterface
