@@ -6,7 +6,8 @@ step's summed loss by the step's label tokens (what the HF Trainer does with `nu
 only in how the step is computed:
 
 - peft: `get_peft_model`, micro-batches of 4 padded to the longest by `DataCollatorForSeq2Seq`, the model's own
-  loss over full (B, T, vocab) logits.
+  loss over full (B, T, vocab) logits; in the bf16 pair the model is loaded in bf16 as LLaMA-Factory does with
+  `bf16: true` (PEFT keeps the adapters in fp32), under the same autocast.
 - lorakit: `get_lora_model`, the step's examples packed into rows of <= cutoff_len tokens (one row per
   micro-batch, no padding inside a row), attention run per example inside a row (`use_packed_attention`), the
   output head only on label tokens in chunks (`causal_lm_loss`), and under bf16 autocast the frozen base weights
@@ -215,6 +216,8 @@ def run(spec: dict, t_start: float) -> dict:
     model.to(device)
     per_step, steps = spec["seqs_per_step"], spec["steps"]
     train_ex, eval_ex = split(examples, per_step * steps, spec["eval_examples"])
+    if spec["impl"] == "peft" and spec["precision"] == "bf16":
+        model.to(torch.bfloat16)  # LLaMA-Factory loads the model in its compute dtype; PEFT keeps adapters fp32
     impl = (PeftImpl if spec["impl"] == "peft" else LorakitImpl)(model, tokenizer, spec)
     seed_lora_weights(impl.model)
     amp = torch.bfloat16 if spec["precision"] == "bf16" else None
