@@ -274,3 +274,15 @@ def test_packed_attention_only_switches_sdpa_models():
     eager = _lora("llama")  # built with eager attention
     assert not use_packed_attention(eager)
     assert eager.config._attn_implementation == "eager"
+
+
+def test_frozen_base_in_bf16_moves_the_rest_off_the_loaded_storage_and_keeps_ties():
+    model = _lora("llama_tied")
+    embed = model.model.embed_tokens.weight
+    before = embed.data_ptr()
+    assert model.lm_head.weight is embed
+    store_frozen_base(model, torch.bfloat16)
+    assert embed.data_ptr() != before and embed.dtype == torch.float32  # a copy of its own, same dtype
+    assert model.lm_head.weight is embed  # still one tied parameter
+    lora_a = model.model.layers[0].self_attn.q_proj.lora_A["default"].weight
+    assert lora_a.requires_grad and lora_a.dtype == torch.float32
