@@ -3,7 +3,7 @@
 Greedy decoding of a batch of 8 chat prompts, a fixed number of new tokens (no early stop), fp32. lorakit rows use
 `lorakit.generation.generate` with a `LoraModel` (mixed batch: `adapter_names=[a0..a7]`, one adapter per row);
 the reference rows use PEFT's `PeftModel` and transformers' `generate` (mixed batch: PEFT's `adapter_names`).
-Each row runs in its own process; tokens/s is the median of 3 timed runs after a warm-up.
+Each row runs in its own process; tokens/s is the median of 5 timed runs after a warm-up.
 
     python bench/bench_generate.py [--smoke] [--new-tokens N]
 """
@@ -25,7 +25,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="tiny model from a config, a few tokens, no download")
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--row", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     common.setup_path()
     machine = common.machine()
-    collected, sections, failed = {}, [], []
+    collected, sections, failed, ran = {}, [], [], {}
     for script in scripts(args.only):
         name = script.stem.removeprefix("bench_")
         out = common.results_dir(args.smoke) / f"{name}.json"
@@ -43,11 +43,15 @@ def main(argv: list[str] | None = None) -> int:
         seconds = time.perf_counter() - start
         if proc.returncode != 0 or not out.is_file():
             failed.append(name)
+        ran[name] = {"seconds": round(seconds, 1), "returncode": proc.returncode}
+        print(f"bench: {name} done in {seconds:.0f} s (exit {proc.returncode})", file=sys.stderr, flush=True)
+    for script in scripts(None):  # with --only, the other scripts' latest results stay in the summary
+        name = script.stem.removeprefix("bench_")
+        out = common.results_dir(args.smoke) / f"{name}.json"
         if out.is_file():
             result = json.loads(out.read_text())
-            collected[name] = {**result, "seconds": round(seconds, 1), "returncode": proc.returncode}
+            collected[name] = {**result, **ran.get(name, {"rerun": False})}
             sections.append(result["markdown"])
-        print(f"bench: {name} done in {seconds:.0f} s (exit {proc.returncode})", file=sys.stderr, flush=True)
     header = (f"# lorakit benchmarks{' (smoke)' if args.smoke else ''}\n\nMachine: "
               f"{common.describe_machine(machine)}.\n\n")
     where = common.results_dir(True) if args.smoke else common.BENCH_DIR
