@@ -286,3 +286,37 @@ def test_frozen_base_in_bf16_moves_the_rest_off_the_loaded_storage_and_keeps_tie
     assert model.lm_head.weight is embed  # still one tied parameter
     lora_a = model.model.layers[0].self_attn.q_proj.lora_A["default"].weight
     assert lora_a.requires_grad and lora_a.dtype == torch.float32
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_cpu_pieces_give_the_whole_micro_batch_gradient(packed, monkeypatch):
+    from types import SimpleNamespace
+
+    from lorakit.data import pad_collate
+    from lorakit.train import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "CPU_PIECE_TOKENS", 20)
+    model = _sdpa_lora("llama")
+    if packed:
+        batch, _ = _packed_batch(lengths=(5, 9, 3, 12, 7, 8, 6), width=12)
+    else:
+        g = torch.Generator().manual_seed(4)
+        examples = [{"input_ids": (ids := torch.randint(3, VOCAB, (n,), generator=g).tolist()),
+                     "labels": [-100] * 2 + ids[2:]} for n in (5, 11, 3, 8, 4)]
+        batch = pad_collate(examples, 0)
+    fake = SimpleNamespace(device=torch.device("cpu"))
+    pieces = trainer_module.Trainer.pieces(fake, batch)
+    assert len(pieces) > 1 and sum(p["input_ids"].shape[0] for p in pieces) == batch["input_ids"].shape[0]
+    params = [p for p in model.parameters() if p.requires_grad]
+    whole, n = causal_lm_loss(model, batch)
+    want = torch.autograd.grad(whole, params)
+    total, count, got = 0.0, 0, [torch.zeros_like(p) for p in params]
+    for piece in pieces:
+        part, c = causal_lm_loss(model, piece)
+        for acc, g in zip(got, torch.autograd.grad(part, params)):
+            acc += g
+        total, count = total + float(part), count + c
+    assert count == n
+    assert total == pytest.approx(float(whole), rel=1e-5)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
