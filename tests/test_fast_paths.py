@@ -295,6 +295,7 @@ def test_cpu_pieces_give_the_whole_micro_batch_gradient(packed, monkeypatch):
     from lorakit.data import pad_collate
     from lorakit.train import trainer as trainer_module
 
+    monkeypatch.setattr(trainer_module, "CPU_SPLIT_ABOVE", 30)
     monkeypatch.setattr(trainer_module, "CPU_PIECE_TOKENS", 20)
     model = _sdpa_lora("llama")
     if packed:
