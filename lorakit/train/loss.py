@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .attention import NAME as PACKED_ATTENTION
 from .attention import mark_packed
 
 IGNORE_INDEX = -100
@@ -77,8 +78,9 @@ def causal_lm_loss(model: nn.Module, batch: dict, chunked: bool = True,
     targets = shifted_targets(batch["labels"], batch.get("position_ids"))
     mask = targets != IGNORE_INDEX  # (B, T-1)
     count = int(mask.sum())
-    if "position_ids" in inputs and "attention_mask" not in inputs:
-        mark_packed(inputs["position_ids"])
+    packed = "position_ids" in inputs and "attention_mask" not in inputs
+    if packed and getattr(model.config, "_attn_implementation", None) == PACKED_ATTENTION:
+        mark_packed(inputs["position_ids"])  # only then: the spans are read on the host (a sync on a GPU)
     if chunked:
         hidden = model.base_model(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
         rows = hidden[:, :-1][mask]  # (N, H)

@@ -5,7 +5,7 @@ One optimizer step:
     micro-batches = the next gradient_accumulation_steps batches of this epoch (fewer at the epoch's end)
     N = label tokens in all of them
     for each micro-batch: loss_sum, _ = causal_lm_loss(...); (loss_sum / N).backward()
-        (on a CPU a micro-batch of more than CPU_PIECE_TOKENS tokens goes through in pieces of rows)
+        (on a CPU a micro-batch of more than CPU_SPLIT_ABOVE tokens goes through in pieces of rows)
     clip to max_grad_norm; lr = base_lr * schedule(step); AdamW step
 
 so the step's loss is the mean over its label tokens, whatever their split into micro-batches. The data order is
