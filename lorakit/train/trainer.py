@@ -391,7 +391,7 @@ def describe_run(trainer: Trainer, model, loss_reason: str | None, resume: Path 
     precision = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}[trainer.amp_dtype]
     loss = "head on label tokens only, chunked" if loss_reason is None else f"model's own logits ({loss_reason})"
     checkpointing = "on" if cfg.gradient_checkpointing else "off"
-    attention = getattr(model.config, "_attn_implementation", None)
+    attention = getattr(model.config, "_attn_implementation", None) or "the model's default"
     attention = "per example in packed rows (SDPA)" if attention == PACKED_ATTENTION else attention
     say(f"precision: {precision}; loss: {loss}; attention: {attention}; gradient checkpointing: {checkpointing}")
     epochs = f"{cfg.num_train_epochs:g} epochs x " if cfg.max_steps <= 0 else "max_steps; "
