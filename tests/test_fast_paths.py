@@ -288,8 +288,9 @@ def test_frozen_base_in_bf16_moves_the_rest_off_the_loaded_storage_and_keeps_tie
     assert lora_a.requires_grad and lora_a.dtype == torch.float32
 
 
+@pytest.mark.parametrize("multiple", [1, 4])
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-def test_cpu_pieces_give_the_whole_micro_batch_gradient(packed, monkeypatch):
+def test_cpu_pieces_give_the_whole_micro_batch_gradient(packed, multiple, monkeypatch):
     from types import SimpleNamespace
 
     from lorakit.data import pad_collate
@@ -304,10 +305,11 @@ def test_cpu_pieces_give_the_whole_micro_batch_gradient(packed, monkeypatch):
         g = torch.Generator().manual_seed(4)
         examples = [{"input_ids": (ids := torch.randint(3, VOCAB, (n,), generator=g).tolist()),
                      "labels": [-100] * 2 + ids[2:]} for n in (5, 11, 3, 8, 4)]
-        batch = pad_collate(examples, 0)
-    fake = SimpleNamespace(device=torch.device("cpu"))
+        batch = pad_collate(examples, 0, pad_to_multiple_of=multiple)
+    fake = SimpleNamespace(device=torch.device("cpu"), multiple=multiple)
     pieces = trainer_module.Trainer.pieces(fake, batch)
     assert len(pieces) > 1 and sum(p["input_ids"].shape[0] for p in pieces) == batch["input_ids"].shape[0]
+    assert all(p["input_ids"].shape[1] % multiple == 0 for p in pieces)  # trimmed widths stay rounded
     params = [p for p in model.parameters() if p.requires_grad]
     whole, n = causal_lm_loss(model, batch)
     want = torch.autograd.grad(whole, params)
@@ -321,3 +323,123 @@ def test_cpu_pieces_give_the_whole_micro_batch_gradient(packed, monkeypatch):
     assert total == pytest.approx(float(whole), rel=1e-5)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- few matmul shapes on a CPU in bf16
+
+
+def test_packed_attention_runs_spans_in_fp32_with_autocast_off(monkeypatch):
+    from lorakit.train.attention import use_packed_attention
+
+    model = _sdpa_lora("qwen2")  # grouped key/value heads
+    use_packed_attention(model)
+    batch, _ = _packed_batch()
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype, torch.is_autocast_enabled("cpu")))
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    outputs = []
+    model.model.layers[0].self_attn.o_proj.register_forward_hook(lambda m, args, out: outputs.append(args[0].dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        total, _ = causal_lm_loss(model, batch)
+    total.backward()
+    # autocast would cast the spans back to bf16 (oneDNN then compiles kernels for every span length)
+    assert seen and set(seen) == {(torch.float32, torch.float32, torch.float32, False)}
+    assert outputs == [torch.bfloat16]  # what transformers' SDPA returns under autocast
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_padding_to_a_multiple_changes_neither_loss_nor_gradients(packed):
+    from lorakit.data import collate_packed, pack_examples, pad_collate
+
+    model = _sdpa_lora("llama")
+    g = torch.Generator().manual_seed(5)
+    examples = [{"input_ids": (ids := torch.randint(3, VOCAB, (n,), generator=g).tolist()),
+                 "labels": [-100] * 2 + ids[2:]} for n in (5, 11, 3, 9)]
+    params = [p for p in model.parameters() if p.requires_grad]
+    results = []
+    for multiple in (None, 8):
+        if packed:
+            batch = collate_packed(pack_examples(examples, 14), 0, pad_to_multiple_of=multiple)
+        else:
+            batch = pad_collate(examples, 0, pad_to_multiple_of=multiple)
+        assert batch["input_ids"].shape[1] % (multiple or 1) == 0
+        total, count = causal_lm_loss(model, batch)
+        results.append((batch["input_ids"].shape[1], total, count, torch.autograd.grad(total, params)))
+    (w0, t0, c0, g0), (w1, t1, c1, g1) = results
+    assert w1 == 16 > w0 and c1 == c0
+    torch.testing.assert_close(t1, t0, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_head_cross_entropy_rounds_its_matmuls_and_gives_the_same_numbers(monkeypatch):
+    from lorakit.train import loss as loss_module
+
+    torch.manual_seed(0)
+    head = nn.Linear(16, 40, bias=False)
+    rows = torch.randn(21, 16, requires_grad=True)
+    targets = torch.randint(0, 40, (21,))
+    shapes, linear = [], torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, *a: shapes.append(x.shape[0]) or linear(x, *a))
+    results = []
+    for multiple in (1, 8):
+        monkeypatch.setattr(loss_module, "shape_multiple", lambda device, dtype, m=multiple: m)
+        shapes.clear()
+        total = head_cross_entropy(rows, targets, head, chunk_size=10)  # chunks of 10, 10, 1 rows
+        results.append((total, *torch.autograd.grad(total, rows)))
+        assert shapes == ([10, 10, 1] if multiple == 1 else [16, 16, 8])
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-6, atol=1e-7)
+
+
+def test_shape_multiple_and_trainer_batches_on_a_cpu_in_bf16():
+    from types import SimpleNamespace
+
+    from lorakit.device import CPU_HALF_MULTIPLE, shape_multiple
+    from lorakit.train.trainer import Trainer
+
+    assert shape_multiple("cpu", torch.bfloat16) == CPU_HALF_MULTIPLE == 64
+    assert shape_multiple("cpu", torch.float32) == shape_multiple("cpu", None) == 1
+    assert shape_multiple("cuda", torch.bfloat16) == 1
+    items = [{"input_ids": [5] * n, "labels": [5] * n, "position_ids": list(range(n))} for n in (70, 20)]
+    for packed in (False, True):
+        fake = SimpleNamespace(data=SimpleNamespace(items=items, packed=packed), pad_id=0, multiple=64,
+                               device=torch.device("cpu"))
+        batch, tokens, _ = Trainer.collate(fake, [0, 1])
+        assert batch["input_ids"].shape[1] == 128 and tokens == 90
+
+
+def test_projections_reading_one_input_share_one_autocast_copy():
+    from lorakit.lora.layers import autocast_input
+
+    model = _lora("llama")
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    seen = {}
+    for name, proj in [("q", attn.q_proj), ("k", attn.k_proj), ("v", attn.v_proj), ("gate", mlp.gate_proj),
+                       ("up", mlp.up_proj)]:
+        proj.lora_A["default"].register_forward_hook(lambda m, args, out, name=name: seen.__setitem__(name, args[0]))
+    batch = _batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=batch["input_ids"])
+    assert seen["q"].dtype == torch.bfloat16
+    assert seen["q"] is seen["k"] is seen["v"] and seen["gate"] is seen["up"] and seen["q"] is not seen["gate"]
+    # the cache follows the tensor: an in-place change or another tensor gets a fresh cast
+    x = torch.randn(3, 4, requires_grad=True)
+    y = x * 1.0
+    first = autocast_input(y, torch.bfloat16)
+    assert autocast_input(y, torch.bfloat16) is first and autocast_input(first, torch.bfloat16) is first
+    with torch.no_grad():
+        y.add_(1.0)
+    again = autocast_input(y, torch.bfloat16)
+    assert again is not first and torch.equal(again, y.detach().to(torch.bfloat16))
+    assert autocast_input(y.clone(), torch.bfloat16) is not again
+    with torch.inference_mode():
+        z = torch.randn(2, 2)
+        assert autocast_input(z, torch.bfloat16).dtype == torch.bfloat16  # inference tensors: no cache, no error
+    (again.float().sum() + autocast_input(y, torch.bfloat16).float().sum()).backward()  # both uses reach x
+    torch.testing.assert_close(x.grad, torch.full_like(x, 2.0))

@@ -98,9 +98,12 @@ def _join(parts: list[dict]) -> dict:
     return row
 
 
-def collate_packed(rows: list[dict], pad_token_id: int) -> dict:
-    """Right-pad packed rows: input_ids, labels, position_ids, each (B, T); no attention_mask (see module doc)."""
+def collate_packed(rows: list[dict], pad_token_id: int, pad_to_multiple_of: int | None = None) -> dict:
+    """Right-pad packed rows: input_ids, labels, position_ids, each (B, T); no attention_mask (see module doc).
+    The padding of a row is a sequence of its own (position ids from 0, labels -100)."""
     width = max(len(r["input_ids"]) for r in rows)
+    if pad_to_multiple_of:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)  # (B, T)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)  # (B, T)
     position_ids = torch.arange(width).repeat(len(rows), 1)  # (B, T)

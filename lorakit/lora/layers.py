@@ -13,6 +13,8 @@ from the graph as the paper (section 4.3) and PEFT do, so it costs no extra back
 from __future__ import annotations
 
 import copy
+import threading
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -310,7 +312,7 @@ class LoraLinear(LoraLayer):
         device = x.device.type
         if torch.is_autocast_enabled(device) and type(self.base_layer) is nn.Linear:
             # cast x once for both matmuls (autocast alone would cast it for each); same numbers as autocast
-            x = x.to(torch.get_autocast_dtype(device))
+            x = autocast_input(x, torch.get_autocast_dtype(device))
             x_lora = dropout(x)
         else:
             x_lora = dropout(x.to(lora_A.weight.dtype))
@@ -340,6 +342,25 @@ class LoraLinear(LoraLayer):
             base_out = F.linear(x.to(w.dtype), w)
         dora = (scale - 1) * base_out.to(scale.dtype) + scale * lora_out * self.scaling[name]
         return result + dora.to(result.dtype)
+
+
+_last_cast = threading.local()  # .entry = (weakref to the input, its version, dtype, the cast)
+
+
+def autocast_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in `dtype`, cast once for all the adapted projections that read the same x (q, k and v read one normed
+    hidden state; gate and up another). Autocast casts it anew for each, and each LoRA A keeps its own copy for
+    the backward: three (or two) copies where one does. The gradient reaches x through the one cast."""
+    if x.dtype == dtype:
+        return x
+    if x.is_inference():  # no version counter to tell an in-place change; nothing kept for a backward anyway
+        return x.to(dtype)
+    entry = getattr(_last_cast, "entry", None)
+    if entry is not None and entry[0]() is x and entry[1] == x._version and entry[2] == dtype:
+        return entry[3]
+    cast = x.to(dtype)
+    _last_cast.entry = (weakref.ref(x), x._version, dtype, cast)
+    return cast
 
 
 class LoraEmbedding(LoraLayer):

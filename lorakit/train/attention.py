@@ -15,6 +15,8 @@ with the mask it built, so the answer is the same either way; only the speed dif
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -66,22 +68,33 @@ def packed_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
     if plain:
         return _sdpa()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                        is_causal=is_causal, **kwargs)
-    dtype = query.dtype
-    if query.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
-        # the CPU flash kernel is 2-3x slower in bf16 than in fp32 on spans this short (measured, torch 2.13)
+    device = query.device.type
+    autocast = torch.is_autocast_enabled(device)
+    dtype = torch.get_autocast_dtype(device) if autocast else query.dtype  # what transformers' SDPA returns
+    fp32 = device == "cpu" and (autocast or dtype in (torch.bfloat16, torch.float16))
+    if fp32:
+        # the CPU flash kernel is slower in bf16 than in fp32 on spans this short, and in bf16 each new span length
+        # compiles new oneDNN kernels for its backward, which oneDNN's cache then keeps (RSS grew without bound);
+        # under autocast q and k arrive in fp32 (the rotary cos/sin are fp32) and v in bf16
         query, key, value = query.float(), key.float(), value.float()
-    groups = getattr(module, "num_key_value_groups", 1)
-    if groups > 1:  # (B, Hkv, T, D) -> (B, H, T, D), as transformers' repeat_kv
-        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    rows = []
-    for b, row_spans in enumerate(spans):
-        pieces = [F.scaled_dot_product_attention(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e],
-                                                 value[b:b + 1, :, s:e], dropout_p=dropout, is_causal=True,
-                                                 scale=scaling)
-                  for s, e in row_spans]  # each (1, H, len, D)
-        rows.append(torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0])
+    # grouped key/value heads stay grouped (SDPA's enable_gqa): repeating them to every query head, as transformers'
+    # repeat_kv does, kept fp32 copies of k and v per query head for the backward (~47 MB per 512 tokens here)
+    gqa = key.shape[1] != query.shape[1]
+    # autocast lists SDPA among its bf16 ops: left on, it would cast the fp32 spans straight back
+    with torch.autocast(query.device.type, enabled=False) if fp32 else contextlib.nullcontext():
+        rows = [_row_attention(query, key, value, b, row_spans, dropout, scaling, gqa)
+                for b, row_spans in enumerate(spans)]
     out = torch.cat(rows) if len(rows) > 1 else rows[0]  # (B, H, T, D)
     return out.transpose(1, 2).to(dtype).contiguous(), None
+
+
+def _row_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, b: int,
+                   spans: list[tuple[int, int]], dropout: float, scaling: float | None, gqa: bool) -> torch.Tensor:
+    """Row b's examples, each causal over its own span: (1, H, T, D)."""
+    pieces = [F.scaled_dot_product_attention(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e],
+                                             dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
+              for s, e in spans]  # each (1, H, len, D)
+    return torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0]
 
 
 def use_packed_attention(model: nn.Module) -> bool:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..device import shape_multiple
 from .attention import NAME as PACKED_ATTENTION
 from .attention import mark_packed
 
@@ -135,9 +136,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
             weight_mm, bias_mm = weight.to(amp), bias.to(amp) if bias is not None else None
         else:
             weight_mm, bias_mm = weight, bias
+        multiple = shape_multiple(rows.device, weight_mm.dtype)
         for start in range(0, rows.shape[0], chunk_size):
             piece, goal = rows[start:start + chunk_size], targets[start:start + chunk_size]
-            logits = F.linear(piece, weight_mm, bias_mm).float()  # (n, V); matmul in the autocast dtype
+            n = piece.shape[0]
+            extra = -n % multiple  # zero rows that round the last chunk's matmuls to a known shape (see device.py)
+            logits = F.linear(F.pad(piece, (0, 0, 0, extra)) if extra else piece, weight_mm, bias_mm)
+            logits = logits[:n].float()  # (n, V); matmul in the autocast dtype
             lse = torch.logsumexp(logits, dim=-1)  # (n,)
             total += (lse - logits.gather(1, goal[:, None]).squeeze(1)).sum()
             if not (need_rows or need_weight or need_bias):
@@ -145,7 +150,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad = torch.exp(logits.sub_(lse[:, None]))  # softmax, in place of the logits, (n, V)
             grad[torch.arange(goal.shape[0], device=goal.device), goal] -= 1.0
             if need_rows:
-                grad_rows[start:start + chunk_size] = (grad.to(weight_mm.dtype) @ weight_mm).to(rows.dtype)  # (n, H)
+                grad_mm = grad.to(weight_mm.dtype)
+                grad_mm = F.pad(grad_mm, (0, 0, 0, extra)) if extra else grad_mm
+                grad_rows[start:start + chunk_size] = (grad_mm @ weight_mm)[:n].to(rows.dtype)  # (n, H)
             if need_weight:
                 grad_weight += grad.t() @ piece.float()  # (V, H)
             if need_bias:
