@@ -11,7 +11,7 @@ only in how the step is computed:
 - lorakit: `get_lora_model`, the step's examples packed into rows of <= cutoff_len tokens (one row per
   micro-batch, no padding inside a row), attention run per example inside a row (`use_packed_attention`), the
   output head only on label tokens in chunks (`causal_lm_loss`), and under bf16 autocast the frozen base weights
-  kept in bf16 (`store_frozen_base`), and token counts rounded up to a multiple of 64 (`shape_multiple`).
+  kept in bf16 (`store_frozen_base`), and token counts rounded up to a few sizes (`shape_bucket`).
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ class PeftImpl:
 class LorakitImpl:
     def __init__(self, model, tokenizer, spec: dict) -> None:
         from lorakit import LoraConfig, get_lora_model
-        from lorakit.device import shape_multiple
+        from lorakit.device import shape_bucket
 
         config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS)
         self.model = get_lora_model(model, config).get_base_model()
@@ -163,8 +163,8 @@ class LorakitImpl:
         # micro-batch has sequences, since a small model there is bound by kernel launches per forward
         self.rows_per_batch = spec["micro_batch"] if spec.get("device", "cpu") != "cpu" else 1
         # as the trainer does: on a CPU in bf16, token counts rounded up to few shapes (see lorakit.device)
-        self.multiple = shape_multiple(spec.get("device", "cpu"), torch.bfloat16 if spec["precision"] == "bf16"
-                                       else None) if spec.get("round_shapes", True) else 1
+        self.round_width = shape_bucket(spec.get("device", "cpu"), torch.bfloat16 if spec["precision"] == "bf16"
+                                        else None) if spec.get("round_shapes", True) else None
         if self.packing and spec.get("packed_attention", True):
             from lorakit.train.attention import use_packed_attention
 
@@ -175,11 +175,11 @@ class LorakitImpl:
 
         if not self.packing:
             for i in range(0, len(examples), self.micro):
-                yield pad_collate(examples[i:i + self.micro], self.pad_id, pad_to_multiple_of=self.multiple)
+                yield pad_collate(examples[i:i + self.micro], self.pad_id, round_width=self.round_width)
             return
         rows = pack_examples(examples, self.cutoff)
         for i in range(0, len(rows), self.rows_per_batch):
-            yield collate_packed(rows[i:i + self.rows_per_batch], self.pad_id, pad_to_multiple_of=self.multiple)
+            yield collate_packed(rows[i:i + self.rows_per_batch], self.pad_id, round_width=self.round_width)
 
     def step_loss(self, batch: dict, n_labels: int) -> torch.Tensor:
         from lorakit.train.loss import causal_lm_loss
@@ -191,7 +191,7 @@ class LorakitImpl:
         from lorakit.data import pad_collate
         from lorakit.train.loss import causal_lm_loss
 
-        batch = pad_collate(examples, self.pad_id, pad_to_multiple_of=self.multiple)
+        batch = pad_collate(examples, self.pad_id, round_width=self.round_width)
         batch = {k: v.to(self.model.device) for k, v in batch.items()}
         return float(causal_lm_loss(self.model, batch)[0])
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import platform
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -64,15 +65,22 @@ def autocast_dtype(device: torch.device, bf16: bool, fp16: bool) -> torch.dtype 
     return None
 
 
-# On a CPU, bf16/fp16 matmuls run through oneDNN, which compiles a kernel for every new matrix shape and keeps it
-# in a cache of up to 1,024 of them. Micro-batches whose token counts all differ compiled ~25 new kernels each;
-# on SmolLM2-135M with alpaca's packed rows that cost ~75-130 MB of resident memory per optimizer step, growing
-# until the cache filled. Rounding the token dimension up to a multiple of this keeps the shapes to a few.
-CPU_HALF_MULTIPLE = 64
+
+# On a CPU, bf16/fp16 matmuls run through oneDNN, which compiles kernels for every new matrix shape and keeps them
+# in a cache of up to 1,024 primitives. Micro-batches whose token counts all differ compiled ~25 new ones each; on
+# SmolLM2-135M with alpaca's packed rows that cost ~75-130 MB of resident memory per optimizer step, growing until
+# the cache filled. Rounding token counts up to a few sizes per power of two keeps the shapes few.
+def bucket_size(n: int) -> int:
+    """n rounded up to one of 8 sizes per power of two, at most 1/8 more: 36 -> 36, 300 -> 320, 505 -> 512;
+    n <= 16 unchanged."""
+    if n <= 16:
+        return n
+    step = 1 << (n.bit_length() - 4)  # n in [2^k, 2^(k+1)) -> a multiple of 2^(k-3)
+    return -(-n // step) * step
 
 
-def shape_multiple(device: torch.device | str, dtype: torch.dtype | None) -> int:
-    """The multiple to pad a batch's token count (and chunk row counts) to: `CPU_HALF_MULTIPLE` where matmuls
-    run in bf16/fp16 on a CPU (`dtype` is the autocast or model dtype), else 1 (no padding)."""
+def shape_bucket(device: torch.device | str, dtype: torch.dtype | None) -> Callable[[int], int] | None:
+    """`bucket_size` where matmuls run in bf16/fp16 on a CPU (`dtype`: the autocast or model dtype), else None:
+    what to round a batch's token count, or a chunk's row count, up to."""
     half = dtype in (torch.bfloat16, torch.float16)
-    return CPU_HALF_MULTIPLE if torch.device(device).type == "cpu" and half else 1
+    return bucket_size if torch.device(device).type == "cpu" and half else None

@@ -291,6 +291,9 @@ def test_frozen_base_in_bf16_moves_the_rest_off_the_loaded_storage_and_keeps_tie
 @pytest.mark.parametrize("multiple", [1, 4])
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_cpu_pieces_give_the_whole_micro_batch_gradient(packed, multiple, monkeypatch):
+    def round_width(n):
+        return -(-n // multiple) * multiple
+
     from types import SimpleNamespace
 
     from lorakit.data import pad_collate
@@ -305,8 +308,8 @@ def test_cpu_pieces_give_the_whole_micro_batch_gradient(packed, multiple, monkey
         g = torch.Generator().manual_seed(4)
         examples = [{"input_ids": (ids := torch.randint(3, VOCAB, (n,), generator=g).tolist()),
                      "labels": [-100] * 2 + ids[2:]} for n in (5, 11, 3, 8, 4)]
-        batch = pad_collate(examples, 0, pad_to_multiple_of=multiple)
-    fake = SimpleNamespace(device=torch.device("cpu"), multiple=multiple)
+        batch = pad_collate(examples, 0, round_width=round_width)
+    fake = SimpleNamespace(device=torch.device("cpu"), round_width=round_width if multiple > 1 else None)
     pieces = trainer_module.Trainer.pieces(fake, batch)
     assert len(pieces) > 1 and sum(p["input_ids"].shape[0] for p in pieces) == batch["input_ids"].shape[0]
     assert all(p["input_ids"].shape[1] % multiple == 0 for p in pieces)  # trimmed widths stay rounded
@@ -363,10 +366,11 @@ def test_padding_to_a_multiple_changes_neither_loss_nor_gradients(packed):
     params = [p for p in model.parameters() if p.requires_grad]
     results = []
     for multiple in (None, 8):
+        rule = (lambda n: -(-n // multiple) * multiple) if multiple else None
         if packed:
-            batch = collate_packed(pack_examples(examples, 14), 0, pad_to_multiple_of=multiple)
+            batch = collate_packed(pack_examples(examples, 14), 0, round_width=rule)
         else:
-            batch = pad_collate(examples, 0, pad_to_multiple_of=multiple)
+            batch = pad_collate(examples, 0, round_width=rule)
         assert batch["input_ids"].shape[1] % (multiple or 1) == 0
         total, count = causal_lm_loss(model, batch)
         results.append((batch["input_ids"].shape[1], total, count, torch.autograd.grad(total, params)))
@@ -388,7 +392,7 @@ def test_head_cross_entropy_rounds_its_matmuls_and_gives_the_same_numbers(monkey
     monkeypatch.setattr(torch.nn.functional, "linear", lambda x, *a: shapes.append(x.shape[0]) or linear(x, *a))
     results = []
     for multiple in (1, 8):
-        monkeypatch.setattr(loss_module, "shape_multiple", lambda device, dtype, m=multiple: m)
+        monkeypatch.setattr(loss_module, "shape_bucket", lambda device, dtype, m=multiple: lambda n: -(-n // m) * m)
         shapes.clear()
         total = head_cross_entropy(rows, targets, head, chunk_size=10)  # chunks of 10, 10, 1 rows
         results.append((total, *torch.autograd.grad(total, rows)))
@@ -397,21 +401,24 @@ def test_head_cross_entropy_rounds_its_matmuls_and_gives_the_same_numbers(monkey
     torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-6, atol=1e-7)
 
 
-def test_shape_multiple_and_trainer_batches_on_a_cpu_in_bf16():
+def test_shape_buckets_and_trainer_batches_on_a_cpu_in_bf16():
     from types import SimpleNamespace
 
-    from lorakit.device import CPU_HALF_MULTIPLE, shape_multiple
+    from lorakit.device import bucket_size, shape_bucket
     from lorakit.train.trainer import Trainer
 
-    assert shape_multiple("cpu", torch.bfloat16) == CPU_HALF_MULTIPLE == 64
-    assert shape_multiple("cpu", torch.float32) == shape_multiple("cpu", None) == 1
-    assert shape_multiple("cuda", torch.bfloat16) == 1
+    assert shape_bucket("cpu", torch.bfloat16) is bucket_size
+    assert shape_bucket("cpu", torch.float32) is None and shape_bucket("cpu", None) is None
+    assert shape_bucket("cuda", torch.bfloat16) is None
+    assert [bucket_size(n) for n in (1, 16, 17, 36, 37, 300, 505, 512, 513)] == [1, 16, 18, 36, 40, 320, 512, 512, 576]
+    sizes = {bucket_size(n) for n in range(1, 4097)}
+    assert all(n <= bucket_size(n) <= n * 9 / 8 for n in range(1, 4097)) and len(sizes) < 120
     items = [{"input_ids": [5] * n, "labels": [5] * n, "position_ids": list(range(n))} for n in (70, 20)]
     for packed in (False, True):
-        fake = SimpleNamespace(data=SimpleNamespace(items=items, packed=packed), pad_id=0, multiple=64,
+        fake = SimpleNamespace(data=SimpleNamespace(items=items, packed=packed), pad_id=0, round_width=bucket_size,
                                device=torch.device("cpu"))
         batch, tokens, _ = Trainer.collate(fake, [0, 1])
-        assert batch["input_ids"].shape[1] == 128 and tokens == 90
+        assert batch["input_ids"].shape[1] == 72 and tokens == 90
 
 
 def test_projections_reading_one_input_share_one_autocast_copy():

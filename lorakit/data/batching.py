@@ -17,7 +17,7 @@ Two kinds of batch come out, both dicts of torch tensors of shape (B, T):
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -45,9 +45,13 @@ def split_validation(examples: list[dict], val_size: float | int | None, seed: i
     return train, [e for i, e in enumerate(examples) if i in val_ids]
 
 
-def pad_collate(examples: list[dict], pad_token_id: int, pad_to_multiple_of: int | None = None) -> dict:
-    """Right-pad to the longest example: input_ids, attention_mask, labels, each (B, T)."""
+def pad_collate(examples: list[dict], pad_token_id: int, pad_to_multiple_of: int | None = None,
+                round_width: Callable[[int], int] | None = None) -> dict:
+    """Right-pad to the longest example (then up to `round_width(T)` or a multiple of `pad_to_multiple_of`):
+    input_ids, attention_mask, labels, each (B, T)."""
     width = max(len(e["input_ids"]) for e in examples)
+    if round_width:
+        width = round_width(width)
     if pad_to_multiple_of:
         width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
     input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)  # (B, T)
@@ -98,12 +102,12 @@ def _join(parts: list[dict]) -> dict:
     return row
 
 
-def collate_packed(rows: list[dict], pad_token_id: int, pad_to_multiple_of: int | None = None) -> dict:
-    """Right-pad packed rows: input_ids, labels, position_ids, each (B, T); no attention_mask (see module doc).
-    The padding of a row is a sequence of its own (position ids from 0, labels -100)."""
+def collate_packed(rows: list[dict], pad_token_id: int, round_width: Callable[[int], int] | None = None) -> dict:
+    """Right-pad packed rows to the longest (then up to `round_width(T)`): input_ids, labels, position_ids, each
+    (B, T); no attention_mask (see module doc). A row's padding is a sequence of its own (positions from 0)."""
     width = max(len(r["input_ids"]) for r in rows)
-    if pad_to_multiple_of:
-        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    if round_width:
+        width = round_width(width)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)  # (B, T)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)  # (B, T)
     position_ids = torch.arange(width).repeat(len(rows), 1)  # (B, T)

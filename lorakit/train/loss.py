@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..device import shape_multiple
+from ..device import shape_bucket
 from .attention import NAME as PACKED_ATTENTION
 from .attention import mark_packed
 
@@ -136,11 +136,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             weight_mm, bias_mm = weight.to(amp), bias.to(amp) if bias is not None else None
         else:
             weight_mm, bias_mm = weight, bias
-        multiple = shape_multiple(rows.device, weight_mm.dtype)
+        bucket = shape_bucket(rows.device, weight_mm.dtype)
         for start in range(0, rows.shape[0], chunk_size):
             piece, goal = rows[start:start + chunk_size], targets[start:start + chunk_size]
             n = piece.shape[0]
-            extra = -n % multiple  # zero rows that round the last chunk's matmuls to a known shape (see device.py)
+            extra = bucket(n) - n if bucket else 0  # zero rows: the last chunk's matmuls get a known shape
             logits = F.linear(F.pad(piece, (0, 0, 0, extra)) if extra else piece, weight_mm, bias_mm)
             logits = logits[:n].float()  # (n, V); matmul in the autocast dtype
             lse = torch.logsumexp(logits, dim=-1)  # (n,)

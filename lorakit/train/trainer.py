@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from ..data import batch_order, collate_packed, pad_collate
-from ..device import autocast_dtype, pick_device, shape_multiple
+from ..device import autocast_dtype, pick_device, shape_bucket
 from ..models import load_model
 from . import checkpoint as ckpt
 from .attention import NAME as PACKED_ATTENTION
@@ -92,8 +92,8 @@ class Trainer:
         self.cfg, self.trainable, self.tokenizer, self.data = cfg, trainable, tokenizer, data
         self.model = trainable.model
         self.device, self.amp_dtype = device, amp_dtype
-        # token counts padded up to a multiple of this (see device.shape_multiple): few matmul shapes on a CPU in bf16
-        self.multiple = shape_multiple(device, amp_dtype or next(self.model.parameters()).dtype)
+        # on a CPU in bf16, token counts rounded up to a few sizes (see device.shape_bucket): few matmul shapes
+        self.round_width = shape_bucket(device, amp_dtype or next(self.model.parameters()).dtype)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.optimizer = make_optimizer(trainable, cfg)
         self.scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
@@ -127,7 +127,7 @@ class Trainer:
         """(batch on the device, real (non-padding) tokens in it, label tokens in it), counted on the CPU."""
         chunk = [self.data.items[i] for i in indices]
         collate = collate_packed if self.data.packed else pad_collate
-        batch = collate(chunk, self.pad_id, pad_to_multiple_of=self.multiple)
+        batch = collate(chunk, self.pad_id, round_width=self.round_width)
         n_labels = int((shifted_targets(batch["labels"], batch.get("position_ids")) != IGNORE_INDEX).sum())
         on_device = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         return on_device, sum(len(c["input_ids"]) for c in chunk), n_labels
@@ -201,7 +201,8 @@ class Trainer:
         for start in range(0, rows, per_piece):
             piece = {k: v[start:start + per_piece] for k, v in batch.items()}
             if "attention_mask" in piece:  # right padding: drop the columns past this piece's longest row
-                used = -(-int(piece["attention_mask"].sum(dim=1).max()) // self.multiple) * self.multiple
+                used = int(piece["attention_mask"].sum(dim=1).max())
+                used = self.round_width(used) if self.round_width else used
                 piece = {k: v[:, :max(used, 1)] for k, v in piece.items()}
             out.append(piece)
         return out
@@ -221,7 +222,7 @@ class Trainer:
         total, count = 0.0, 0
         bs = self.cfg.per_device_eval_batch_size
         for start in range(0, len(val), bs):
-            chunk = pad_collate(val[start:start + bs], self.pad_id, pad_to_multiple_of=self.multiple)
+            chunk = pad_collate(val[start:start + bs], self.pad_id, round_width=self.round_width)
             batch = {k: v.to(self.device) for k, v in chunk.items()}
             with self.autocast():
                 part, n = causal_lm_loss(self.model, batch, chunked=self.chunked)
