@@ -344,7 +344,7 @@ class LoraLinear(LoraLayer):
         return result + dora.to(result.dtype)
 
 
-_last_cast = threading.local()  # .entry = (weakref to the input, its version, dtype, the cast)
+_last_cast = threading.local()  # .entry = (weakrefs to the input and its cast, the input's version, dtype)
 
 
 def autocast_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -356,10 +356,13 @@ def autocast_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if x.is_inference():  # no version counter to tell an in-place change; nothing kept for a backward anyway
         return x.to(dtype)
     entry = getattr(_last_cast, "entry", None)
-    if entry is not None and entry[0]() is x and entry[1] == x._version and entry[2] == dtype:
-        return entry[3]
+    if entry is not None and entry[0]() is x and entry[2] == x._version and entry[3] == dtype:
+        cast = entry[1]()  # alive while a graph holds it (LoRA A saves it for the backward); else cast anew
+        if cast is not None:
+            return cast
     cast = x.to(dtype)
-    _last_cast.entry = (weakref.ref(x), x._version, dtype, cast)
+    # weak references only: the cache keeps neither tensor (nor, through the cast, a graph) alive
+    _last_cast.entry = (weakref.ref(x), weakref.ref(cast), x._version, dtype)
     return cast
 
 
