@@ -65,7 +65,6 @@ def autocast_dtype(device: torch.device, bf16: bool, fp16: bool) -> torch.dtype 
     return None
 
 
-
 # On a CPU, bf16/fp16 matmuls run through oneDNN, which compiles kernels for every new matrix shape and keeps them
 # in a cache of up to 1,024 primitives. Micro-batches whose token counts all differ compiled ~25 new ones each; on
 # SmolLM2-135M with alpaca's packed rows that cost ~75-130 MB of resident memory per optimizer step, growing until
