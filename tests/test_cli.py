@@ -57,3 +57,16 @@ def test_config_path_and_overrides_are_told_apart():
     assert split_train_args(["lora_rank=4"]) == (None, ["lora_rank=4"])
     with pytest.raises(SystemExit, match="more than one config file"):
         split_train_args(["a.yaml", "b.yaml"])
+
+
+def test_fail_prints_one_clean_line(capsys):
+    from lorakit.commands.arguments import fail
+
+    assert fail("chat", OSError("cannot read adapter_config.json in /x"), 1) == 1
+    assert capsys.readouterr().err == "lorakit chat: error: cannot read adapter_config.json in /x\n"
+    assert fail("eval", FileNotFoundError(2, "No such file or directory", "data.json"), 1) == 1
+    assert capsys.readouterr().err == "lorakit eval: error: [Errno 2] No such file or directory: 'data.json'\n"
+    assert fail("merge", ValueError(""), 2) == 2
+    assert capsys.readouterr().err == "lorakit merge: error: ValueError\n"
+    assert fail("train", ValueError("2 problems:\n  a\n  b"), 2) == 2  # a problem list starts on its own line
+    assert capsys.readouterr().err == "lorakit train: error: \n2 problems:\n  a\n  b\n"
