@@ -163,8 +163,8 @@ class LorakitImpl:
         # micro-batch has sequences, since a small model there is bound by kernel launches per forward
         self.rows_per_batch = spec["micro_batch"] if spec.get("device", "cpu") != "cpu" else 1
         # as the trainer does: on a CPU in bf16, token counts rounded up to few shapes (see lorakit.device)
-        self.round_width = shape_bucket(spec.get("device", "cpu"), torch.bfloat16 if spec["precision"] == "bf16"
-                                        else None) if spec.get("round_shapes", True) else None
+        amp = torch.bfloat16 if spec["precision"] == "bf16" else None
+        self.round_width = shape_bucket(spec.get("device", "cpu"), amp)
         if self.packing and spec.get("packed_attention", True):
             from lorakit.train.attention import use_packed_attention
 

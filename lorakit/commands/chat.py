@@ -57,8 +57,7 @@ class ChatArgs:
     """Adapter directories: a comma list of DIR or NAME=DIR (--adapter, repeatable). The first is active."""
     template: str | None = None
     """Chat template: empty uses the adapter's training_args.yaml template, else the tokenizer's own; or a
-    built-in name (chatml, qwen, qwen3_nothink, llama3, mistral, alpaca,
-    empty)."""
+    built-in name (chatml, qwen, qwen3_nothink, llama3, mistral, alpaca, empty)."""
     finetuning_type: str = "lora"
     """lora (or qlora: the adapter runs on the unquantized base); full / freeze: model_name_or_path is the
     trained model itself and no adapter is given."""

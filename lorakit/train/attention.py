@@ -81,7 +81,7 @@ def packed_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
     # repeat_kv does, kept fp32 copies of k and v per query head for the backward (~47 MB per 512 tokens here)
     gqa = key.shape[1] != query.shape[1]
     # autocast lists SDPA among its bf16 ops: left on, it would cast the fp32 spans straight back
-    with torch.autocast(query.device.type, enabled=False) if fp32 else contextlib.nullcontext():
+    with torch.autocast(device, enabled=False) if fp32 else contextlib.nullcontext():
         rows = [_row_attention(query, key, value, b, row_spans, dropout, scaling, gqa)
                 for b, row_spans in enumerate(spans)]
     out = torch.cat(rows) if len(rows) > 1 else rows[0]  # (B, H, T, D)
