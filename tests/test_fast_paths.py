@@ -422,7 +422,7 @@ def test_shape_buckets_and_trainer_batches_on_a_cpu_in_bf16():
 
 
 def test_projections_reading_one_input_share_one_autocast_copy():
-    from lorakit.lora.layers import autocast_input
+    from lorakit.lora.fastpath import autocast_input
 
     model = _lora("llama")
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp

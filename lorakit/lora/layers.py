@@ -4,23 +4,27 @@
 
 `lora_A` (r, in) and `lora_B` (out, r) are bias-free nn.Linears kept in ModuleDicts keyed by adapter name, so
 the in-memory key `...q_proj.lora_A.default.weight` is the PEFT file key once the adapter name is dropped.
-One adapter is active at a time; a mixed batch (one adapter per row) goes through `mixed.py`.
 
-DoRA (Liu et al. 2024) rescales each output row: W' = m * (W0 + s B A) / ||W0 + s B A||, the norm detached
-from the graph as the paper (section 4.3) and PEFT do, so it costs no extra backward memory.
+One forward computes that formula for the active adapter. What varies around it lives elsewhere, each in one place:
+DoRA's terms in `dora.py` (for adapters with a magnitude vector), the no-grad fast path and the shared autocast
+copy of the input in `fastpath.py` (same numbers, less work), and a batch whose rows use different adapters in
+`mixed.py` (the routing is handed to the layer for one call by `LoraModel`, through `mixed.current_routing()`).
+
+Merging adds scaling * B A (computed in fp32) into the base weight. Over a 16-bit base, merge keeps the weight it
+replaced so that unmerge restores it bit for bit (fp32 arithmetic would not: bf16 has 8 bits of mantissa); over an
+fp32 base, unmerge subtracts the delta again (exact to fp32 rounding) and keeps nothing.
 """
 
 from __future__ import annotations
 
 import copy
-import threading
-import weakref
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import mixed
+from . import dora, fastpath, mixed
 from .init import init_embedding, init_plain, init_principal
 
 
@@ -68,6 +72,19 @@ def _discard(table: nn.ModuleDict | nn.ParameterDict, name: str) -> None:
         del table[name]
 
 
+SIXTEEN_BIT = (torch.bfloat16, torch.float16)
+
+
+@dataclass
+class MergeRecord:
+    """What unmerging adapter `name` needs: DoRA's row factor at merge time, and over a 16-bit base the weight the
+    merge replaced (so that unmerge restores it exactly)."""
+
+    name: str
+    dora_factor: torch.Tensor | None = None
+    original: torch.Tensor | None = None
+
+
 class LoraLayer(nn.Module):
     """Bookkeeping shared by the linear and embedding variants: adapters, scaling, merge state."""
 
@@ -80,16 +97,8 @@ class LoraLayer(nn.Module):
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.active_adapter: str | None = None
-        self.disabled = False
-        self.merged_adapters: list[str] = []
-        self.routing: mixed.Routing | None = None  # set only for the duration of a mixed-batch call
-        self._dora_factors: dict[str, torch.Tensor] = {}
-        self._plain: tuple | None = None  # LoraLinear's inference fast path: parameters of the active adapter
-
-    def __setattr__(self, name: str, value) -> None:
-        if name == "base_layer":  # e.g. quantizing or dequantizing the base in place: re-read its parameters
-            self.__dict__["_plain"] = None
-        super().__setattr__(name, value)
+        self.disabled = False  # set by LoraModel.disable_adapter() for the duration of its block
+        self.merge_records: list[MergeRecord] = []  # merged adapters, oldest first
 
     # --- the parts a variant defines -------------------------------------------------------------------------
     def delta_weight(self, name: str) -> torch.Tensor:
@@ -109,67 +118,72 @@ class LoraLayer(nn.Module):
         return self.base_layer.weight
 
     @property
+    def merged_adapters(self) -> list[str]:
+        return [record.name for record in self.merge_records]
+
+    @property
     def merged(self) -> bool:
-        return bool(self.merged_adapters)
+        return bool(self.merge_records)
 
     def _set_scalars(self, name: str, r: int, lora_alpha: float, use_rslora: bool, dropout: float) -> None:
-        self._plain = None
         self.r[name] = r
         self.lora_alpha[name] = lora_alpha
         self.scaling[name] = lora_alpha / (r**0.5) if use_rslora else lora_alpha / r
         # nn.Identity when p = 0: no copy of x and no random mask on the hot path
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
-    def _runs_adapter(self) -> bool:
+    def runs_adapter(self) -> bool:
+        """True when the forward adds the active adapter (not disabled, not merged into the weight already)."""
         return not self.disabled and self.active_adapter is not None and not self.merged
 
-    def merge(self, names: list[str] | None = None, safe_merge: bool = True) -> None:
-        """Add the adapters' deltas to the base weight (fp32 arithmetic). Idempotent; refuses NaN/Inf."""
-        weight = self.base_layer.weight
-        for name in names if names is not None else [self.active_adapter]:
-            if name is None or name in self.merged_adapters:
-                continue
-            merged = self._merged_weight(name, weight.detach().float())
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"merging adapter '{name}' would put NaN/Inf into the weights; nothing was merged")
-            weight.data.copy_(merged.to(weight.dtype))
-            self.merged_adapters.append(name)
-
-    def unmerge(self) -> None:
-        """Subtract every merged delta again, newest first."""
-        weight = self.base_layer.weight
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            w = weight.detach().float()
-            if name in self._dora_factors:
-                w = w / self._dora_factors.pop(name).view(self._row_view())
-            weight.data.copy_((w - self.delta_weight(name)).to(weight.dtype))
-
-    def _merged_weight(self, name: str, w: torch.Tensor) -> torch.Tensor:
+    def merged_weight(self, name: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(W0 + s B A, DoRA's factor or None), fp32, in the base weight's layout; `w` is W0 in fp32. Changes
+        nothing, so a caller can check every layer before merging any."""
         if is_quantized(self.base_layer):  # both merge paths come through here before changing anything
             raise ValueError(QUANTIZED_MERGE.format(kind=type(self.base_layer).__name__))
         merged = w + self.delta_weight(name)
-        if name in self.lora_magnitude_vector:
-            factor = self._dora_scale(name, merged)
-            self._dora_factors[name] = factor
-            merged = merged * factor.view(self._row_view())
-        return merged
+        if name not in self.lora_magnitude_vector:
+            return merged, None
+        factor = dora.merge_factor(self, name, merged)
+        return merged * factor.view(self._row_view()), factor
+
+    def merge(self, names: list[str] | None = None, safe_merge: bool = True, keep_original: bool | None = None) -> None:
+        """Add the adapters' deltas to the base weight (fp32 arithmetic). Idempotent; refuses NaN/Inf.
+
+        `keep_original` (default: when the base is 16-bit) keeps the replaced weight for an exact unmerge; a merge
+        that is never undone (merge_and_unload) passes False and holds no copy."""
+        weight = self.base_layer.weight
+        if keep_original is None:
+            keep_original = weight.dtype in SIXTEEN_BIT
+        for name in names if names is not None else [self.active_adapter]:
+            if name is None or name in self.merged_adapters:
+                continue
+            merged, factor = self.merged_weight(name, weight.detach().float())
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"merging adapter '{name}' would put NaN/Inf into the weights; nothing was merged")
+            original = weight.detach().clone() if keep_original else None
+            weight.data.copy_(merged.to(weight.dtype))
+            self.merge_records.append(MergeRecord(name, factor, original))
+
+    def unmerge(self) -> None:
+        """Undo every merge, newest first: the kept weight where there is one, else subtract the delta again."""
+        weight = self.base_layer.weight
+        while self.merge_records:
+            record = self.merge_records.pop()
+            if record.original is not None:
+                weight.data.copy_(record.original)
+                continue
+            w = weight.detach().float()
+            if record.dora_factor is not None:
+                w = w / record.dora_factor.view(self._row_view())
+            weight.data.copy_((w - self.delta_weight(record.name)).to(weight.dtype))
 
     def _row_view(self) -> tuple[int, int]:
         return (-1, 1)
 
-    def _dora_scale(self, name: str, combined: torch.Tensor) -> torch.Tensor:
-        """m / ||W0 + s B A|| per output row (out,), norm detached (DoRA section 4.3)."""
-        norm = combined.norm(p=2, dim=self._norm_dim()).detach()
-        return self.lora_magnitude_vector[name].weight.float() / norm
-
-    def _norm_dim(self) -> int:
-        return 1
-
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
             raise ValueError(f"adapter '{name}' is merged; unmerge it before deleting it")
-        self._plain = None
         self._drop_adapter_params(name)
         for table in (self.r, self.lora_alpha, self.scaling):
             table.pop(name, None)
@@ -181,7 +195,10 @@ class LoraLayer(nn.Module):
 
 
 class LoraLinear(LoraLayer):
-    """LoRA around nn.Linear, or around transformers' Conv1D (weight (in, out), fan_in_fan_out)."""
+    """LoRA around nn.Linear, or around transformers' Conv1D (weight (in, out), fan_in_fan_out).
+
+        y = W0 x + scaling * B A dropout(x)        A (r, in), B (out, r)
+    """
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -213,7 +230,7 @@ class LoraLinear(LoraLayer):
             magnitude.weight = nn.Parameter(torch.empty(self.out_features, device=w.device, dtype=dtype))
             self.lora_magnitude_vector[name] = magnitude
             if w.device.type != "meta":
-                self.reset_dora_magnitude(name)
+                dora.reset_magnitude(self, name)
         self.active_adapter = name
 
     def _initialise(self, name: str, init: bool | str) -> None:
@@ -224,7 +241,7 @@ class LoraLinear(LoraLayer):
                                  "use the default init on a quantized base")
             if self.merged:
                 raise ValueError("cannot add a PiSSA/OLoRA adapter while another adapter is merged")
-            lora_A, lora_B, residual = init_principal(self._oriented_weight(), init, self.r[name], self.scaling[name])
+            lora_A, lora_B, residual = init_principal(self.oriented_weight(), init, self.r[name], self.scaling[name])
             with torch.no_grad():
                 a.copy_(lora_A)
                 b.copy_(lora_B)
@@ -235,135 +252,56 @@ class LoraLinear(LoraLayer):
             init_plain(a, b, init, self.r[name])
 
     def reset_dora_magnitude(self, name: str) -> None:
-        """m = ||W0 + s B A|| per output row, so DoRA starts exactly at the LoRA model."""
-        with torch.no_grad():
-            combined = self._oriented_weight() + self._oriented_delta(name)
-            self.lora_magnitude_vector[name].weight.copy_(combined.norm(p=2, dim=1))
+        """m = ||W0 + s B A|| per output row (see dora.py)."""
+        dora.reset_magnitude(self, name)
 
     def _drop_adapter_params(self, name: str) -> None:
         _discard(self.lora_A, name)
         _discard(self.lora_B, name)
 
-    def _oriented_weight(self) -> torch.Tensor:
+    def oriented_weight(self) -> torch.Tensor:
         """The base weight as (out, in), fp32 (dequantized for a quantized base)."""
         if is_quantized(self.base_layer):
             return dense_weight(self.base_layer).float()
         w = self.base_layer.weight.detach().float()
         return w.T if self.fan_in_fan_out else w
 
-    def _oriented_delta(self, name: str) -> torch.Tensor:
+    def oriented_delta(self, name: str) -> torch.Tensor:
+        """scaling * B A as (out, in), fp32."""
         a = self.lora_A[name].weight.float()  # (r, in)
         b = self.lora_B[name].weight.float()  # (out, r)
         return (b @ a) * self.scaling[name]  # (out, in)
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        delta = self._oriented_delta(name)
+        delta = self.oriented_delta(name)
         return delta.T if self.fan_in_fan_out else delta
 
     def _row_view(self) -> tuple[int, int]:
         return (1, -1) if self.fan_in_fan_out else (-1, 1)
 
-    def _norm_dim(self) -> int:
-        return 0 if self.fan_in_fan_out else 1
-
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.routing is None and self._runs_adapter():
-            if not torch.is_grad_enabled() and not args and not kwargs:
-                result = self._inference_forward(x)
-                if result is not None:
-                    return result
-            return self._adapter_forward(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        if self.routing is not None:
-            return mixed.add_linear_delta(self, x, result)
-        return result
-
-    def _inference_forward(self, x: torch.Tensor) -> torch.Tensor | None:
-        """No-grad plain LoRA over an nn.Linear at one dtype (each decoding step): W0 x + b, then the rank-r
-        product added into that output in place by one fused multiply-add. None when the case is not that one.
-        The parameters it reads are looked up once per active adapter (`_plain`), not on every token."""
-        plain = self._plain
-        if plain is None or plain[0] != self.active_adapter:
-            plain = self._plain = self._plain_parts()
-        _, weight, bias, a, b, scaling, dropout = plain
-        if weight is None or x.dtype != weight.dtype or a.dtype != weight.dtype:
-            return None
-        if (dropout and self.training) or torch.is_autocast_enabled(x.device.type):
-            return None
-        result = F.linear(x, weight, bias)  # (..., out), a new contiguous tensor
-        h = F.linear(x, a)  # (..., r)
-        result.view(-1, weight.shape[0]).addmm_(h.view(-1, h.shape[-1]), b.t(), alpha=scaling)
-        return result
-
-    def _plain_parts(self) -> tuple:
-        """(adapter, W0, bias, A, B, scaling, has dropout); W0 None where the fast path does not apply."""
-        base, name = self.base_layer, self.active_adapter
-        if type(base) is not nn.Linear or name in self.lora_magnitude_vector:
-            return (name, None, None, None, None, None, None)
-        dropout = not isinstance(self.lora_dropout[name], nn.Identity)
-        return (name, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                self.scaling[name], dropout)
-
-    def _adapter_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """W0 x + B (scaling * A dropout(x)), the scaling applied on the rank-r side (r columns, not out)."""
+        """y = W0 x + scaling * B A dropout(x) for the active adapter (DoRA: dora.forward; per-row: mixed)."""
+        routing = mixed.current_routing()
+        if routing is not None:
+            return mixed.linear_forward(self, routing, x, self.base_layer(x, *args, **kwargs))
+        if not self.runs_adapter():
+            return self.base_layer(x, *args, **kwargs)
         name = self.active_adapter
-        lora_A, lora_B = self.lora_A[name], self.lora_B[name]
-        dropout = self.lora_dropout[name]
+        lora_A, lora_B, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+        is_dora = name in self.lora_magnitude_vector
+        if not args and not kwargs and fastpath.applies(self.base_layer, x, lora_A.weight, dropout, is_dora):
+            return fastpath.plain_inference(x, self.base_layer, lora_A.weight, lora_B.weight, self.scaling[name])
         device = x.device.type
         if torch.is_autocast_enabled(device) and type(self.base_layer) is nn.Linear:
-            # cast x once for both matmuls (autocast alone would cast it for each); same numbers as autocast
-            x = autocast_input(x, torch.get_autocast_dtype(device))
+            x = fastpath.autocast_input(x, torch.get_autocast_dtype(device))  # one copy for q, k and v
             x_lora = dropout(x)
         else:
             x_lora = dropout(x.to(lora_A.weight.dtype))
-        result = self.base_layer(x, *args, **kwargs)
-        if name in self.lora_magnitude_vector:
-            lora_out = lora_B(lora_A(x_lora))  # (..., out)
-            return self._dora_forward(name, x_lora, result, lora_out, reuse_base=isinstance(dropout, nn.Identity))
-        if not torch.is_grad_enabled() and result.dtype == lora_B.weight.dtype:
-            # inference (e.g. each decoding step): fewer ops and no new output tensor; same numbers
-            h = F.linear(x_lora, lora_A.weight)  # (..., r)
-            return result.add_(F.linear(h, lora_B.weight), alpha=self.scaling[name])  # (..., out)
-        lora_out = lora_B(lora_A(x_lora) * self.scaling[name])  # (..., r) -> (..., out)
+        result = self.base_layer(x, *args, **kwargs)  # (..., out)
+        if is_dora:
+            return dora.forward(self, name, x_lora, result, reuse_base=isinstance(dropout, nn.Identity))
+        lora_out = lora_B(lora_A(x_lora) * self.scaling[name])  # (..., r) -> (..., out): scaling on r columns
         return result + lora_out.to(result.dtype)
-
-    def _dora_forward(self, name: str, x: torch.Tensor, result: torch.Tensor, lora_out: torch.Tensor,
-                      reuse_base: bool) -> torch.Tensor:
-        """result + (m/||W'|| - 1) * W0 x + (m/||W'||) * s B A x   (PEFT's formulation)."""
-        weight = dense_weight(self.base_layer) if is_quantized(self.base_layer) else self.base_layer.weight
-        lora_weight = self.lora_B[name].weight @ self.lora_A[name].weight  # (out, in)
-        w = weight.T if self.fan_in_fan_out else weight
-        norm = (w.to(lora_weight.dtype) + self.scaling[name] * lora_weight).norm(p=2, dim=1).detach()  # (out,)
-        scale = self.lora_magnitude_vector[name].weight / norm  # (out,)
-        bias = getattr(self.base_layer, "bias", None)
-        if reuse_base:
-            base_out = result if bias is None else result - bias
-        else:
-            base_out = F.linear(x.to(w.dtype), w)
-        dora = (scale - 1) * base_out.to(scale.dtype) + scale * lora_out * self.scaling[name]
-        return result + dora.to(result.dtype)
-
-
-_last_cast = threading.local()  # .entry = (weakrefs to the input and its cast, the input's version, dtype)
-
-
-def autocast_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x in `dtype`, cast once for all the adapted projections that read the same x (q, k and v read one normed
-    hidden state; gate and up another). Autocast casts it anew for each, and each LoRA A keeps its own copy for
-    the backward: three (or two) copies where one does. The gradient reaches x through the one cast."""
-    if x.dtype == dtype:
-        return x
-    if x.is_inference():  # no version counter to tell an in-place change; nothing kept for a backward anyway
-        return x.to(dtype)
-    entry = getattr(_last_cast, "entry", None)
-    if entry is not None and entry[0]() is x and entry[2] == x._version and entry[3] == dtype:
-        cast = entry[1]()  # alive while a graph holds it (LoRA A saves it for the backward); else cast anew
-        if cast is not None:
-            return cast
-    cast = x.to(dtype)
-    # weak references only: the cache keeps neither tensor (nor, through the cast, a graph) alive
-    _last_cast.entry = (weakref.ref(x), weakref.ref(cast), x._version, dtype)
-    return cast
 
 
 class LoraEmbedding(LoraLayer):
@@ -409,11 +347,13 @@ class LoraEmbedding(LoraLayer):
                            base.sparse)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """y = E[x] + scaling * (A^T[x]) B^T for the active adapter (per-row adapters: mixed)."""
         result = self.base_layer(x, *args, **kwargs)
-        if self.routing is not None:
-            delta = mixed.embedding_delta(self, x)
+        routing = mixed.current_routing()
+        if routing is not None:
+            delta = mixed.embedding_delta(self, routing, x)
             return result if delta is None else result + delta.to(result.dtype)
-        if not self._runs_adapter():
+        if not self.runs_adapter():
             return result
         name = self.active_adapter
         after_a = self._embed(x, self.lora_embedding_A[name].T)  # (B, T, r)
@@ -430,11 +370,8 @@ class ModulesToSave(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.disabled = False
-        self.routing: mixed.Routing | None = None
 
     def add_adapter(self, name: str) -> None:
-        import copy
-
         clone = copy.deepcopy(self.original_module)
         for p in clone.parameters():
             p.requires_grad_(True)
@@ -455,6 +392,7 @@ class ModulesToSave(nn.Module):
         return self.modules_to_save[self.active_adapter]
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.routing is not None:
-            return mixed.modules_to_save_forward(self, x, *args, **kwargs)
+        routing = mixed.current_routing()
+        if routing is not None:
+            return mixed.modules_to_save_forward(self, routing, x, *args, **kwargs)
         return self.current()(x, *args, **kwargs)

@@ -30,6 +30,7 @@ class LoraModel(nn.Module):
         self.peft_config: dict[str, LoraConfig] = {}
         self.active_adapter: str | None = None
         self._initial_factors: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._stacks = mixed.StackCache()  # per-row adapter stacks of the last mixed call (mixed.py)
         self.add_adapter(adapter_name, config)
 
     def __getattr__(self, name: str):
@@ -126,28 +127,31 @@ class LoraModel(nn.Module):
         return any(m.merged for _, m in lora_layers(self.model))
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = True) -> None:
-        """Fold the active adapter (or `adapter_names`) into the base weights. A no-op when already merged."""
-        names = adapter_names or [self.active_adapter]
-        layers = [m for _, m in lora_layers(self.model)]
+        """Fold the active adapter (or `adapter_names`) into the base weights. A no-op when already merged.
+        Over a 16-bit base each merged layer keeps the weight it replaced, so that unmerge_adapter() restores the
+        base bit for bit (one copy of those weights while merged)."""
+        self._merge(adapter_names or [self.active_adapter], safe_merge, keep_original=None)
+
+    def _merge(self, names: list[str], safe_merge: bool, keep_original: bool | None) -> None:
+        layers = lora_layers(self.model)
         if safe_merge:  # check every layer first, so a bad delta leaves the whole model unchanged
-            for key, m in lora_layers(self.model):
+            for key, m in layers:
                 for name in names:
                     if name in m.adapter_names() and name not in m.merged_adapters:
-                        if not torch.isfinite(m._merged_weight(name, m.base_layer.weight.detach().float())).all():
-                            m._dora_factors.pop(name, None)
+                        merged, _ = m.merged_weight(name, m.base_layer.weight.detach().float())
+                        if not torch.isfinite(merged).all():
                             raise ValueError(f"merging adapter '{name}' would put NaN/Inf into '{key}'; "
                                              f"nothing was merged")
-                        m._dora_factors.pop(name, None)
-        for m in layers:
-            m.merge([n for n in names if n in m.adapter_names()], safe_merge=False)
+        for _, m in layers:
+            m.merge([n for n in names if n in m.adapter_names()], safe_merge=False, keep_original=keep_original)
 
     def unmerge_adapter(self) -> None:
         for _, m in lora_layers(self.model):
             m.unmerge()
 
     def merge_and_unload(self, safe_merge: bool = True, adapter_names: list[str] | None = None) -> nn.Module:
-        """Merge, then return the plain transformers model with no LoRA modules left."""
-        self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        """Merge, then return the plain transformers model with no LoRA modules left (no copy of the base kept)."""
+        self._merge(adapter_names or [self.active_adapter], safe_merge, keep_original=False)
         return self.unload()
 
     def unload(self) -> nn.Module:
@@ -188,29 +192,31 @@ class LoraModel(nn.Module):
 
     # --- running -----------------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _routing(self, adapter_names: list[str] | None) -> Iterator[None]:
+    def _routing(self, adapter_names: list[str] | None, expand: int = 1) -> Iterator[None]:
+        """Make a Routing for `adapter_names` current for one call (see mixed.py); nothing is set on the layers."""
         if adapter_names is None:
             yield
             return
+        if self.model.training:
+            raise ValueError("adapter_names (an adapter per row) is for inference: call model.eval() first; "
+                             "to train an adapter, use set_adapter()")
         if self.merged:
             raise ValueError("adapter_names needs unmerged adapters; call unmerge_adapter() first")
-        routing = mixed.Routing.from_adapter_names(list(adapter_names), set(self.peft_config), self.model.device)
-        modules = wrappers(self.model)
-        for _, m in modules:
-            m.routing = routing
-        try:
+        names, slots = mixed.parse_names(list(adapter_names), set(self.peft_config))
+        layers = [m for _, m in lora_layers(self.model)]
+        routing = mixed.Routing(names, torch.tensor(slots, dtype=torch.long, device=self.model.device),
+                                self._stacks.get(layers, names))
+        with mixed.routed(routing.expanded(expand)):
             yield
-        finally:
-            for _, m in modules:
-                m.routing = None
 
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
-        """The transformers model's forward; `adapter_names` picks an adapter per batch row."""
+        """The transformers model's forward; `adapter_names` picks an adapter per batch row (inference only)."""
         with self._routing(adapter_names):
             return self.model(*args, **kwargs)
 
     def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
-        with self._routing(adapter_names):
+        """transformers' generate; `adapter_names` has one entry per prompt, also with num_return_sequences/beams."""
+        with self._routing(adapter_names, expand=_sequences_per_prompt(self.model, kwargs)):
             return self.model.generate(*args, **kwargs)
 
     # --- files -------------------------------------------------------------------------------------------------
@@ -269,6 +275,14 @@ class LoraModel(nn.Module):
             self.delete_adapter(adapter_name)
             raise
         self.set_adapter(active)
+
+
+def _sequences_per_prompt(model: nn.Module, kwargs: dict) -> int:
+    """How many rows generate() makes of each prompt: max(num_beams, num_return_sequences), as transformers does."""
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    beams = kwargs.get("num_beams", getattr(config, "num_beams", None)) or 1
+    sequences = kwargs.get("num_return_sequences", getattr(config, "num_return_sequences", None)) or 1
+    return max(int(beams), int(sequences))
 
 
 def _load_init(config: LoraConfig) -> bool:
