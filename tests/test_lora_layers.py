@@ -115,3 +115,51 @@ def test_merge_is_idempotent_and_refuses_nan():
         layer.merge()
     torch.testing.assert_close(layer.base_layer.weight, w0)
     assert not layer.merged
+
+
+def test_dora_under_bf16_autocast_starts_exactly_at_the_base_and_merges_within_rounding():
+    """The weight norm runs in fp32 with autocast off: at step 0 the scale m / ||W0 + s B A|| is exactly 1."""
+    torch.manual_seed(0)
+    base = nn.Linear(64, 48)
+    layer = LoraLinear(base)
+    layer.add_adapter("default", r=4, lora_alpha=8, use_dora=True)
+    x = torch.randn(6, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(layer(x), base(x), atol=0, rtol=0)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(std=0.1)
+        layer.lora_magnitude_vector["default"].weight.mul_(1.2)
+    with torch.no_grad():
+        want = layer(x)  # fp32, unmerged
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            unmerged = layer(x).float()
+        layer.merge()
+        merged = layer(x)
+    torch.testing.assert_close(merged, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(unmerged, want, atol=0.05, rtol=0.02)  # bf16 matmul rounding only
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_unmerge_restores_a_16_bit_base_bit_for_bit(dtype, use_dora):
+    torch.manual_seed(1)
+    base = nn.Linear(32, 24).to(dtype)
+    original = base.weight.detach().clone()
+    layer = LoraLinear(base)
+    layer.add_adapter("default", r=4, lora_alpha=8, use_dora=use_dora)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+    layer.merge()
+    assert not torch.equal(base.weight, original)
+    layer.unmerge()
+    assert torch.equal(base.weight, original)
+    assert not layer.merged
+
+
+def test_merge_over_fp32_keeps_no_copy_and_unmerges_by_arithmetic():
+    layer = hand_set_linear()
+    w0 = layer.base_layer.weight.detach().clone()
+    layer.merge()
+    assert layer.merge_records[0].original is None
+    layer.unmerge()
+    torch.testing.assert_close(layer.base_layer.weight, w0, atol=1e-6, rtol=0)

@@ -56,7 +56,6 @@ def test_one_token_rows_take_the_masked_path_and_equal_single_runs(three, grad):
     with torch.set_grad_enabled(grad):
         mixed = three(tokens, adapter_names=names).logits
         again = three(tokens, adapter_names=names).logits  # the cached stacks and masks give the same rows
-    assert mixed.requires_grad == grad
     torch.testing.assert_close(again, mixed, atol=0, rtol=0)
     for row, name in enumerate(names):
         torch.testing.assert_close(mixed[row], single(three, name, tokens[row:row + 1])[0], atol=1e-5, rtol=1e-5)
@@ -124,3 +123,76 @@ def test_dora_adapters_refuse_mixed_batches(tokens):
     lm = get_lora_model(make_model("llama"), LoraConfig(target_modules=["q_proj"], use_dora=True))
     with pytest.raises(ValueError, match="DoRA"):
         lm(tokens, adapter_names=["default", "__base__"])
+
+
+def test_mixed_batch_with_gradients_reaches_every_routed_adapter(three):
+    """Eval mode, gradients on: the stacks are built inside the graph, so each row's adapter gets its gradient
+    (lm_head of adapter c is a trainable copy: requires_grad on the output alone would prove nothing)."""
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(3, VOCAB, (3, 5), generator=g)
+    for key, p in three.named_parameters():
+        p.requires_grad_(".lora_" in key)
+    names = ["a", "__base__", "b"]
+    three(tokens, adapter_names=names).logits.square().sum().backward()
+    layer = three.model.model.layers[0].self_attn.q_proj
+    for name in ("a", "b"):
+        grad = layer.lora_B[name].weight.grad
+        assert grad is not None and grad.abs().sum() > 0, name
+    # adapter c is not in the batch: nothing reaches it
+    assert three.model.model.layers[0].mlp.down_proj.lora_B["c"].weight.grad is None
+    # the gradient equals the one of the same row run alone through its adapter
+    three.zero_grad(set_to_none=True)
+    three.set_adapter("b")
+    for key, p in three.named_parameters():
+        p.requires_grad_(".lora_" in key)
+    three(tokens[2:3]).logits.square().sum().backward()
+    alone = layer.lora_B["b"].weight.grad.clone()
+    three.zero_grad(set_to_none=True)
+    three(tokens, adapter_names=["__base__", "__base__", "b"]).logits[2:3].square().sum().backward()
+    torch.testing.assert_close(layer.lora_B["b"].weight.grad, alone, rtol=1e-4, atol=1e-6)
+
+
+def test_mixed_batch_refuses_training_mode(three, tokens):
+    three.train()
+    with pytest.raises(ValueError, match="adapter_names .* is for inference: call model.eval"):
+        three(tokens, adapter_names=["a", "b"])
+
+
+def test_mixed_batch_honours_disable_adapter(three):
+    tokens = torch.randint(3, VOCAB, (3, 6), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        with three.disable_adapter():
+            routed = three(tokens, adapter_names=["a", "b", "c"]).logits
+        base = single(three, "__base__", tokens)
+    torch.testing.assert_close(routed, base, atol=0, rtol=0)
+
+
+def test_flattened_input_is_refused_not_misrouted(three):
+    layer = three.model.model.layers[0].mlp.down_proj  # adapters a and c
+    x = torch.randn(2, 3, layer.in_features)
+    with torch.no_grad():
+        three(torch.randint(3, VOCAB, (2, 3)), adapter_names=["a", "c"])  # fine: one name per row
+        from lorakit.lora import mixed
+
+        names, slots = mixed.parse_names(["a", "c"], {"a", "b", "c"})
+        routing = mixed.Routing(names, torch.tensor(slots), three._stacks.get([layer], names))
+        with mixed.routed(routing):
+            with pytest.raises(ValueError, match="2 entries but the batch has 6 rows"):
+                layer(x.reshape(6, -1))  # (B*T, in): six rows, a multiple of the two names
+            routed = layer(x)
+        alone = []
+        for row, name in enumerate(["a", "c"]):
+            layer.active_adapter = name
+            alone.append(layer(x[row:row + 1]))
+    torch.testing.assert_close(routed, torch.cat(alone))
+
+
+def test_generate_with_several_sequences_per_prompt_routes_each_copy(three):
+    prompts = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(9))
+    out = three.generate(prompts, adapter_names=["a", "b"], max_new_tokens=4, do_sample=False,
+                         num_beams=2, num_return_sequences=2)
+    for row, name in enumerate(["a", "b"]):
+        three.set_adapter(name)
+        alone = three.generate(prompts[row:row + 1], max_new_tokens=4, do_sample=False, num_beams=2,
+                               num_return_sequences=2)
+        assert torch.equal(out[2 * row:2 * row + 2], alone), name

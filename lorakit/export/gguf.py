@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from ..lora import LoraConfig
-from ..lora.io import PREFIX, read_adapter
+from ..lora.io import BASE_PREFIX, read_adapter
 from .gguf_vocab import add_tokenizer
 
 Q = gguf.GGMLQuantizationType
@@ -302,7 +302,7 @@ def _lora_pairs(config: LoraConfig, state: dict[str, torch.Tensor]) -> dict[str,
         if not key.endswith((".lora_A.weight", ".lora_B.weight")):
             raise ValueError(f"write_gguf_lora: '{key}' (modules_to_save or a trained bias) has no place in a "
                              f"llama.cpp LoRA file; merge the adapter and export the whole model with write_gguf")
-        module, part = key.removeprefix(PREFIX).rsplit(".", 2)[:2]
+        module, part = key.removeprefix(BASE_PREFIX).rsplit(".", 2)[:2]
         pairs.setdefault(module, [None, None])[1 if part == "lora_B" else 0] = tensor
     return pairs
 

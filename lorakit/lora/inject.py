@@ -10,6 +10,7 @@ from .config import DEFAULT_TARGETS, LoraConfig
 from .layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave, is_conv1d, is_quantized
 
 LAYER_PATTERNS = ("layers", "h", "blocks", "layer", "block")
+CONDENSE_FROM = 20  # PEFT condenses a target list of this many names or more into name suffixes
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -42,10 +43,35 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str] | str:
         return list(DEFAULT_TARGETS[model_type])
     if targets == "all-linear":
         heads = _output_head_names(model)
-        return sorted({name for name, m in model.named_modules()
-                       if (is_linear(m) or isinstance(m, LoraLinear)) and name not in heads
-                       and not _inside_wrapper(model, name)})
+        targets = sorted({name for name, m in model.named_modules()
+                          if (is_linear(m) or isinstance(m, LoraLinear)) and name not in heads
+                          and not _inside_wrapper(model, name)})
+    if isinstance(targets, list) and len(targets) >= CONDENSE_FROM:
+        return condensed_targets(model, targets)
     return targets
+
+
+def _suffixes(name: str) -> list[str]:
+    """"a.b.c" -> ["c", "b.c", "a.b.c"]: the names that match `name` by suffix, shortest first."""
+    parts = name.split(".")
+    return [".".join(parts[i:]) for i in range(len(parts) - 1, -1, -1)]
+
+
+def condensed_targets(model: nn.Module, targets: list[str]) -> list[str]:
+    """The fewest name suffixes that match every target and no other module, as PEFT writes a long target list
+    (all-linear on a real model becomes q_proj, k_proj, ...: what vLLM and llama.cpp's converter read). Returns
+    `targets` unchanged when no shorter list separates them from the other modules."""
+    wanted = set(targets)
+    others = [key for key, _ in model.named_modules() if key and key not in wanted and not _matches(key, targets)]
+    taken = {suffix for key in others for suffix in _suffixes(key)}
+    chosen: set[str] = set()
+    for key in sorted(wanted):
+        if _matches(key, sorted(chosen)):
+            continue
+        chosen.add(next(s for s in _suffixes(key) if s not in taken))  # the full name itself is never taken
+    if len(chosen) >= len(wanted):
+        return targets
+    return sorted(chosen)
 
 
 def _matches(key: str, targets: list[str] | str) -> bool:

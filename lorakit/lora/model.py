@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +32,7 @@ class LoraModel(nn.Module):
         self.active_adapter: str | None = None
         self._initial_factors: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._stacks = mixed.StackCache()  # per-row adapter stacks of the last mixed call (mixed.py)
+        self._replaced_base: dict[str, dict[str, torch.Tensor]] = {}  # adapter -> base weights its file replaced
         self.add_adapter(adapter_name, config)
 
     def __getattr__(self, name: str):
@@ -48,10 +50,14 @@ class LoraModel(nn.Module):
             raise ValueError(f"'{mixed.BASE}' is reserved for 'no adapter'")
         if self.merged and isinstance(config.init_lora_weights, str) and config.init_lora_weights != "gaussian":
             raise ValueError("unmerge the merged adapter before adding a PiSSA/OLoRA adapter")
-        if config.target_modules is None or config.target_modules == "all-linear":
-            # record what was wrapped, as PEFT does, so the saved config names real modules
+        if config.target_modules is None or isinstance(config.target_modules, list):
+            # record what is wrapped as PEFT does: the architecture's default, or a long list (all-linear) condensed
+            # to name suffixes, so the saved config is the one PEFT, vLLM and llama.cpp's converter expect
+            config = dataclasses.replace(config, target_modules=resolve_targets(self.model, config))
+        elif config.target_modules == "all-linear":
             config = dataclasses.replace(config, target_modules=resolve_targets(self.model, config))
         inject_adapter(self.model, config, adapter_name)
+        config = _with_fan_in_fan_out(self.model, adapter_name, config, source=None)
         self.peft_config[adapter_name] = config
         if isinstance(config.init_lora_weights, str) and config.init_lora_weights != "gaussian":
             self._initial_factors[adapter_name] = {
@@ -92,6 +98,7 @@ class LoraModel(nn.Module):
             module.delete_adapter(adapter_name)
         del self.peft_config[adapter_name]
         self._initial_factors.pop(adapter_name, None)
+        self._restore_base(adapter_name)
         if self.active_adapter == adapter_name:
             self.active_adapter = next(iter(self.peft_config), None)
             if self.active_adapter:
@@ -150,12 +157,17 @@ class LoraModel(nn.Module):
             m.unmerge()
 
     def merge_and_unload(self, safe_merge: bool = True, adapter_names: list[str] | None = None) -> nn.Module:
-        """Merge, then return the plain transformers model with no LoRA modules left (no copy of the base kept)."""
+        """Merge, then return the plain transformers model with no LoRA modules left (no copy of the base kept;
+        base weights that an adapter file carried stay, as they are part of what was merged)."""
         self._merge(adapter_names or [self.active_adapter], safe_merge, keep_original=False)
+        self._replaced_base.clear()
         return self.unload()
 
     def unload(self) -> nn.Module:
-        """Remove every LoRA module without merging; modules_to_save keep the active adapter's copy."""
+        """Remove every LoRA module without merging; modules_to_save keep the active adapter's copy. Base weights
+        replaced by a loaded adapter file are restored, so the model is the one LoraModel was given."""
+        for name in list(self._replaced_base):
+            self._restore_base(name)
         for key, module in wrappers(self.model):
             if isinstance(module, LoraLayer):
                 set_submodule(self.model, key, module.base_layer)
@@ -163,7 +175,13 @@ class LoraModel(nn.Module):
                 set_submodule(self.model, key, module.current())
         for p in self.model.parameters():
             p.requires_grad_(False)
+        self._stacks.clear()
         return self.model
+
+    def _restore_base(self, adapter_name: str) -> None:
+        with torch.no_grad():
+            for key, original in self._replaced_base.pop(adapter_name, {}).items():
+                self.model.get_parameter(key).copy_(original)
 
     def get_base_model(self) -> nn.Module:
         return self.model
@@ -239,7 +257,7 @@ class LoraModel(nn.Module):
         if not initial:
             return dataclasses.replace(config, inference_mode=True), state
         for key, (a0, b0) in initial.items():
-            a_key, b_key = f"{io.PREFIX}{key}.lora_A.weight", f"{io.PREFIX}{key}.lora_B.weight"
+            a_key, b_key = f"{io.BASE_PREFIX}{key}.lora_A.weight", f"{io.BASE_PREFIX}{key}.lora_B.weight"
             state[a_key] = torch.cat([state[a_key], a0.cpu().to(state[a_key].dtype)], dim=0)  # (2r, in)
             state[b_key] = torch.cat([state[b_key], -b0.cpu().to(state[b_key].dtype)], dim=1)  # (out, 2r)
         # rank doubles; alpha follows so that the scaling (alpha / r, or alpha / sqrt(r)) is unchanged
@@ -257,8 +275,13 @@ class LoraModel(nn.Module):
         file_config, state = io.read_adapter(model_id)
         config = dataclasses.replace(config or file_config, inference_mode=not is_trainable)
         lora = cls(model, dataclasses.replace(config, init_lora_weights=_load_init(config)), adapter_name)
-        lora.peft_config[adapter_name] = config
-        io.load_into(lora.model, state, adapter_name, config.bias, source=str(model_id))
+        lora.peft_config[adapter_name] = _with_fan_in_fan_out(lora.model, adapter_name, config, source=str(model_id))
+        try:
+            lora._replaced_base[adapter_name] = io.load_into(lora.model, state, adapter_name, config.bias,
+                                                             source=str(model_id))
+        except Exception:
+            lora.unload()  # the model is handed back as it came
+            raise
         lora._set_trainable()
         return lora
 
@@ -268,13 +291,25 @@ class LoraModel(nn.Module):
         config = dataclasses.replace(file_config, inference_mode=not is_trainable)
         active = self.active_adapter
         self.add_adapter(adapter_name, dataclasses.replace(config, init_lora_weights=_load_init(config)))
-        self.peft_config[adapter_name] = config
+        self.peft_config[adapter_name] = _with_fan_in_fan_out(self.model, adapter_name, config, source=str(model_id))
         try:
-            io.load_into(self.model, state, adapter_name, config.bias, source=str(model_id))
+            self._replaced_base[adapter_name] = io.load_into(self.model, state, adapter_name, config.bias,
+                                                             source=str(model_id))
         except Exception:
             self.delete_adapter(adapter_name)
             raise
         self.set_adapter(active)
+
+
+def _with_fan_in_fan_out(model: nn.Module, adapter_name: str, config: LoraConfig, source: str | None) -> LoraConfig:
+    """fan_in_fan_out as PEFT sets it: True when the targets store their weight (in, out) (GPT-2's Conv1D). The layer
+    type decides the orientation; a config that says otherwise (a file written by an older lorakit, or by hand) is
+    corrected with a warning, as PEFT does."""
+    conv = any(getattr(m, "fan_in_fan_out", False) for _, m in lora_layers(model) if adapter_name in m.adapter_names())
+    if config.fan_in_fan_out != conv and source is not None:
+        warnings.warn(f"{source}: fan_in_fan_out={config.fan_in_fan_out} in the adapter config, but its targets are "
+                      f"{'Conv1D' if conv else 'Linear'} layers: using fan_in_fan_out={conv}", stacklevel=3)
+    return dataclasses.replace(config, fan_in_fan_out=conv)
 
 
 def _sequences_per_prompt(model: nn.Module, kwargs: dict) -> int:

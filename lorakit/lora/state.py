@@ -16,4 +16,6 @@ def get_peft_model_state_dict(model: LoraModel, adapter_name: str = "default") -
 def set_peft_model_state_dict(model: LoraModel, state_dict: dict[str, torch.Tensor],
                               adapter_name: str = "default") -> None:
     """Copy `state_dict` (PEFT file keys) into adapter `adapter_name`, checking every key and shape first."""
-    io.load_into(model.model, state_dict, adapter_name, model.peft_config[adapter_name].bias, source="state_dict")
+    replaced = io.load_into(model.model, state_dict, adapter_name, model.peft_config[adapter_name].bias,
+                            source="state_dict")
+    model._replaced_base.setdefault(adapter_name, {}).update(replaced)  # restored by delete_adapter and unload
