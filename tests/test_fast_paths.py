@@ -450,3 +450,28 @@ def test_projections_reading_one_input_share_one_autocast_copy():
         assert autocast_input(z, torch.bfloat16).dtype == torch.bfloat16  # inference tensors: no cache, no error
     (again.float().sum() + autocast_input(y, torch.bfloat16).float().sum()).backward()  # both uses reach x
     torch.testing.assert_close(x.grad, torch.full_like(x, 2.0))
+
+
+def test_the_no_grad_fast_path_applies_only_where_the_formula_has_no_other_term():
+    """fastpath invariant 1: grad off, plain nn.Linear base, no DoRA, no active dropout, one dtype, no autocast."""
+    from lorakit.lora import fastpath
+
+    base = nn.Linear(8, 4)
+    a = torch.zeros(2, 8)
+    x = torch.randn(3, 8)
+    identity, dropout = nn.Identity(), nn.Dropout(0.1)
+    with torch.no_grad():
+        assert fastpath.applies(base, x, a, identity, is_dora=False)
+        assert fastpath.applies(base, x, a, dropout.eval(), is_dora=False)
+        assert not fastpath.applies(base, x, a, dropout.train(), is_dora=False)
+        assert not fastpath.applies(base, x, a, identity, is_dora=True)
+        assert not fastpath.applies(base, x.bfloat16(), a, identity, is_dora=False)
+        assert not fastpath.applies(base.bfloat16(), x.bfloat16(), a, identity, is_dora=False)  # fp32 adapter
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not fastpath.applies(base.float(), x, a, identity, is_dora=False)
+
+        class Subclass(nn.Linear):
+            pass
+
+        assert not fastpath.applies(Subclass(8, 4), x, a, identity, is_dora=False)  # e.g. a quantized linear
+    assert not fastpath.applies(base, x, a, identity, is_dora=False)  # gradients on
