@@ -119,10 +119,48 @@ def test_mixed_batch_errors(three, tokens):
         three(tokens, adapter_names=["a", "b"])
 
 
-def test_dora_adapters_refuse_mixed_batches(tokens):
-    lm = get_lora_model(make_model("llama"), LoraConfig(target_modules=["q_proj"], use_dora=True))
-    with pytest.raises(ValueError, match="DoRA"):
-        lm(tokens, adapter_names=["default", "__base__"])
+@pytest.mark.parametrize("tokens_per_row", [7, 1], ids=["prompt", "decode"])
+def test_dora_adapters_run_per_row_and_equal_single_runs(tokens_per_row):
+    torch.manual_seed(0)
+    lm = get_lora_model(make_model("qwen2"), LoraConfig(r=4, target_modules=["q_proj", "o_proj"], use_dora=True,
+                                                        init_lora_weights=False), adapter_name="d")
+    lm.add_adapter("p", LoraConfig(r=2, target_modules=["q_proj", "down_proj"], init_lora_weights=False))
+    with torch.no_grad():
+        for key, p in lm.named_parameters():
+            if "lora_magnitude_vector" in key:
+                p.mul_(1.3)
+    lm.eval()
+    tokens = torch.randint(3, VOCAB, (4, tokens_per_row), generator=torch.Generator().manual_seed(1))
+    names = ["d", "p", "__base__", "d"]
+    with torch.no_grad():
+        routed = lm(tokens, adapter_names=names).logits
+    for row, name in enumerate(names):
+        torch.testing.assert_close(routed[row], single(lm, name, tokens[row:row + 1])[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tokens_per_row", [6, 1], ids=["prompt", "decode"])
+def test_a_weighted_combination_per_row_equals_the_exact_cat_adapter(three, tokens_per_row):
+    three.add_weighted_adapter(["a", "b"], [0.7, 0.3], "mix", combination_type="cat")
+    tokens = torch.randint(3, VOCAB, (3, tokens_per_row), generator=torch.Generator().manual_seed(2))
+    entries = [{"a": 0.7, "b": 0.3}, "b", {"a": 0.5}]
+    with torch.no_grad():
+        routed = three(tokens, adapter_names=entries).logits
+        three.add_weighted_adapter(["a"], [0.5], "halved", combination_type="cat")
+        torch.testing.assert_close(routed[0], single(three, "mix", tokens[:1])[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(routed[1], single(three, "b", tokens[1:2])[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(routed[2], single(three, "halved", tokens[2:])[0], atol=1e-5, rtol=1e-5)
+
+
+def test_combinations_that_cannot_mix_are_refused_in_one_line(three, tokens):
+    with pytest.raises(ValueError, match="includes 'c', an adapter with modules_to_save"):
+        three(tokens, adapter_names=[{"a": 0.5, "c": 0.5}, "a"])
+    with pytest.raises(ValueError, match=r"adapter_names\[1\]: a combination maps adapter names to finite numbers"):
+        three(tokens, adapter_names=["a", {"b": float("nan")}])
+    with pytest.raises(ValueError, match="unknown adapter.*zz"):
+        three(tokens, adapter_names=["a", {"zz": 1.0}])
+    dora = get_lora_model(make_model("llama"), LoraConfig(target_modules=["q_proj"], use_dora=True)).eval()
+    with pytest.raises(ValueError, match="DoRA adapter"):
+        dora(tokens, adapter_names=[{"default": 0.5}, "default"])
 
 
 def test_mixed_batch_with_gradients_reaches_every_routed_adapter(three):
@@ -174,8 +212,8 @@ def test_flattened_input_is_refused_not_misrouted(three):
         three(torch.randint(3, VOCAB, (2, 3)), adapter_names=["a", "c"])  # fine: one name per row
         from lorakit.lora import mixed
 
-        names, slots = mixed.parse_names(["a", "c"], {"a", "b", "c"})
-        routing = mixed.Routing(names, torch.tensor(slots), three._stacks.get([layer], names))
+        routing = mixed.make_routing(["a", "c"], {"a", "b", "c"}, x.device,
+                                     lambda names: three._stacks.get([layer], names))
         with mixed.routed(routing):
             with pytest.raises(ValueError, match="2 entries but the batch has 6 rows"):
                 layer(x.reshape(6, -1))  # (B*T, in): six rows, a multiple of the two names

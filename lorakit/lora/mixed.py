@@ -12,6 +12,16 @@ rank columns, one matmul with every B, added into the base output in place; at o
 than gathering per-row weights (N times the rank flops, which are tiny next to the base weights).
 Zero-padding is exact: the padded rank directions contribute 0 * x.
 
+A row may also ask for a weighted combination of adapters (an entry {name: weight, ...}):
+
+    delta[b] = sum_i w[b, i] * scaling_i * B_i A_i x[b]      = ((x @ A_cat^T) * w[b, owner]) @ B_cat^T
+
+the masked form above with each adapter's weight in place of the 0/1 mask (for prompts as for decoding steps).
+DoRA adapters (dora.py) run per row too: with g = m / ||W0 + s B A|| per output row (1 for a plain adapter and the
+base), a row's output is  g[slot] * (W0 x + s B A x) + b,  which is DoRA's formula; a weighted combination that
+includes a DoRA adapter, or one with modules_to_save, is refused before the call (LoraModel.check_adapter_entry):
+DoRA's magnitude rescales the whole weight and a module copy replaces a whole module, so neither mixes.
+
 How a layer learns the routing: `LoraModel.forward/generate(..., adapter_names=...)` builds one `Routing` (each
 row's slot and every LoRA layer's stacks) and makes it current for the duration of that call (`routed`); a LoRA
 layer's forward reads `current_routing()`. Nothing is set on the layers. The stacks come from a `StackCache` the
@@ -24,6 +34,7 @@ LoRA parameters get gradients; training mode is refused by LoraModel (no dropout
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -31,6 +42,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import dora
 
 BASE = "__base__"
 LINEAR_TABLES = ("lora_A", "lora_B")
@@ -42,6 +55,7 @@ class Stacks:
     a: torch.Tensor  # (N+1, R, in); slot N is the base model's zeros
     b: torch.Tensor  # (N+1, out, R), scaling folded in
     b_cat: torch.Tensor  # (N*R, out): every adapter's B^T, blocks in slot order
+    dora_scale: torch.Tensor | None = None  # (N+1, out) fp32: m / ||W0 + s B A|| for DoRA adapters, 1 elsewhere
 
     @property
     def a_cat(self) -> torch.Tensor:
@@ -50,11 +64,15 @@ class Stacks:
 
 @dataclass(frozen=True)
 class Routing:
-    """Which adapter each batch row uses (`slot[b]` indexes `names`; len(names) means the base model), and the
-    stacks of every LoRA layer for those adapters (None where no adapter of the batch lives in a layer)."""
+    """What each batch row asks for: `weights[b, i]` is row b's weight of adapter `names[i]` (one-hot for a row
+    with one adapter, all zero for the base model); `slot[b]` indexes `names` for those one-adapter rows (len(names)
+    means the base), and `single` says every row is such a row. `stacks` holds every LoRA layer's stacks for those
+    adapters (None where no adapter of the batch lives in a layer)."""
 
     names: tuple[str, ...]
-    slot: torch.Tensor  # (B,) long
+    weights: torch.Tensor  # (B, N) float32
+    slot: torch.Tensor  # (B,) long; meaningful where `single`
+    single: bool
     stacks: Mapping[nn.Module, Stacks | None] = field(repr=False)
     masks: dict = field(default_factory=dict, compare=False, repr=False)  # (rank, dtype) -> (B, N*R), this call
 
@@ -69,26 +87,58 @@ class Routing:
 
     def expanded(self, k: int) -> Routing:
         """Each row repeated k times in place, as generate() repeats the prompts for k sequences or beams."""
-        return Routing(self.names, self.slot.repeat_interleave(k), self.stacks) if k > 1 else self
+        if k == 1:
+            return self
+        return Routing(self.names, self.weights.repeat_interleave(k, dim=0), self.slot.repeat_interleave(k),
+                       self.single, self.stacks)
 
     def block_mask(self, rank: int, like: torch.Tensor) -> torch.Tensor:
-        """(B, N*rank) 0/1: row b keeps the rank columns of its own adapter (none for the base model)."""
+        """(B, N*rank): each rank column of adapter i carries the row's weight of adapter i (0/1 for one adapter)."""
         key = (rank, like.dtype)
         mask = self.masks.get(key)
         if mask is None:
-            owner = torch.arange(len(self.names) * rank, device=like.device) // rank  # adapter of each column
-            mask = self.masks[key] = (owner[None] == self.slot[:, None].to(like.device)).to(like.dtype)
+            mask = self.weights.to(device=like.device, dtype=like.dtype).repeat_interleave(rank, dim=1)
+            self.masks[key] = mask
         return mask
 
 
-def parse_names(adapter_names: list[str], known: set[str]) -> tuple[tuple[str, ...], list[int]]:
-    """(distinct adapters in order of appearance, slot of each row); one-line error for an unknown name."""
-    unknown = sorted({n for n in adapter_names if n != BASE and n not in known})
+def make_routing(adapter_names: list, known: set[str], device: torch.device, stacks_for) -> Routing:
+    """The Routing of one call; `stacks_for(names)` gives every layer's stacks for the adapters used."""
+    names, rows = parse_names(adapter_names, known)
+    weights = torch.zeros(len(rows), len(names), dtype=torch.float32)
+    for b, row in enumerate(rows):
+        for name, w in row.items():
+            weights[b, names.index(name)] = w
+    single = all(len(row) == 1 and next(iter(row.values())) == 1.0 or not row for row in rows)
+    slot = [names.index(next(iter(row))) if len(row) == 1 and next(iter(row.values())) == 1.0 else len(names)
+            for row in rows]  # a combination's rows sit in the base slot (for DoRA scales and module copies)
+    return Routing(names, weights.to(device), torch.tensor(slot, dtype=torch.long, device=device), single,
+                   stacks_for(names))
+
+
+def parse_names(adapter_names: list, known: set[str]) -> tuple[tuple[str, ...], list[dict[str, float]]]:
+    """(distinct adapters in order of appearance, each row as {adapter: weight}); an entry is an adapter name,
+    BASE, or a mapping {name: weight} (a weighted combination). One-line errors for unknown names, bad weights."""
+    rows = []
+    for i, entry in enumerate(adapter_names):
+        if isinstance(entry, str):
+            rows.append({} if entry == BASE else {entry: 1.0})
+        elif isinstance(entry, Mapping) and entry:
+            bad = [w for w in entry.values() if isinstance(w, bool) or not isinstance(w, (int, float))
+                   or not math.isfinite(w)]
+            if bad or BASE in entry:
+                raise ValueError(f"adapter_names[{i}]: a combination maps adapter names to finite numbers, "
+                                 f"got {dict(entry)!r}")
+            rows.append({name: float(w) for name, w in entry.items() if w != 0})
+        else:
+            raise ValueError(f"adapter_names[{i}]: expected an adapter name or a {{name: weight}} mapping, "
+                             f"got {entry!r}")
+    unknown = sorted({n for row in rows for n in row if n not in known})
     if unknown:
         raise ValueError(f"adapter_names: unknown adapter(s) {', '.join(unknown)}; "
                          f"loaded: {', '.join(sorted(known)) or 'none'} (use '{BASE}' for the base model)")
-    names = tuple(dict.fromkeys(n for n in adapter_names if n != BASE))
-    return names, [names.index(n) if n != BASE else len(names) for n in adapter_names]
+    names = tuple(dict.fromkeys(n for row in rows for n in row))
+    return names, rows
 
 
 _current: ContextVar[Routing | None] = ContextVar("lorakit_routing", default=None)
@@ -122,8 +172,6 @@ def build_stacks(layer: nn.Module, names: tuple[str, ...]) -> Stacks | None:
     """The layer's stacks for `names`, zeros where an adapter is absent; None when none of them lives here.
     Differentiable with respect to the adapters' parameters when gradients are on."""
     a_table, b_table = (getattr(layer, t) for t in tables_of(layer))
-    if any(n in layer.lora_magnitude_vector for n in names):
-        raise ValueError("mixed-batch inference does not support DoRA adapters; merge them or use set_adapter()")
     present = [n for n in names if n in a_table]
     if not present:
         return None
@@ -142,18 +190,33 @@ def build_stacks(layer: nn.Module, names: tuple[str, ...]) -> Stacks | None:
     b_rows.append(ref_b.new_zeros(ref_b.shape[0], rank))
     a_stack, b_stack = torch.stack(a_rows), torch.stack(b_rows)  # (N+1, R, in), (N+1, out, R)
     b_cat = b_stack[:-1].transpose(1, 2).reshape(-1, b_stack.shape[1])  # (N*R, out)
-    return Stacks(a_stack, b_stack, b_cat)
+    return Stacks(a_stack, b_stack, b_cat, _dora_scale(layer, names, b_stack.shape[1]))
+
+
+def _dora_scale(layer: nn.Module, names: tuple[str, ...], out: int) -> torch.Tensor | None:
+    """(N+1, out) fp32: m / ||W0 + s B A|| for the DoRA adapters among `names`, 1 for the others and the base."""
+    doras = [n for n in names if n in layer.lora_magnitude_vector]
+    if not doras:
+        return None
+    rows = [layer.lora_magnitude_vector[n].weight.float() / dora.weight_norm(layer, n) if n in doras
+            else torch.ones(out, device=layer.lora_A[n].weight.device if n in layer.lora_A else None)
+            for n in names]
+    device = rows[0].device
+    return torch.stack([r.to(device) for r in rows] + [torch.ones(out, device=device)])
 
 
 def _versions(layer: nn.Module, names: tuple[str, ...]) -> tuple:
     """What the stacks of `layer` depend on: each adapter's factors (storage and in-place version) and scaling."""
     out = []
-    for table in tables_of(layer):
+    for table in tables_of(layer) + ("lora_magnitude_vector",):
         params = getattr(layer, table)
         for name in names:
             if name in params:
                 p = _weight(params[name])
                 out.append((name, p.data_ptr(), p._version, layer.scaling[name]))
+    if any(n in layer.lora_magnitude_vector for n in names):  # DoRA's norms read the base weight too
+        w = layer.base_layer.weight
+        out.append((w.data_ptr(), w._version))
     return tuple(out)
 
 
@@ -182,33 +245,47 @@ class StackCache:
 
 # --- the per-row forwards ----------------------------------------------------------------------------------------
 def linear_forward(layer: nn.Module, routing: Routing, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-    """result (the base output) + per-row scaling * B A x for a LoraLinear; in place when no gradient is wanted."""
+    """result (the base output) + each row's scaling * B A x for a LoraLinear (DoRA rows rescaled by their g)."""
     stacks = None if layer.disabled else routing.stacks.get(layer)
     if stacks is None:
         return result
     batch = x.shape[0]
     slot = routing.rows_for(batch)
     x3 = x.reshape(batch, -1, x.shape[-1]).to(stacks.a.dtype)  # (B, T, in)
-    if x3.shape[1] == 1:  # one token per row (decoding): all adapters' A at once, masked to each row's own
-        h = F.linear(x3.reshape(batch, -1), stacks.a_cat)  # (B, N*R)
-        h = h * routing.block_mask(stacks.a.shape[1], h)
-        if not torch.is_grad_enabled() and result.dtype == h.dtype and result.is_contiguous():
-            return result.view(batch, -1).addmm_(h, stacks.b_cat).view(result.shape)
-        return result + (h @ stacks.b_cat).to(result.dtype).view(result.shape)
-    h = torch.bmm(x3, stacks.a[slot].transpose(1, 2))  # (B, T, R)
-    y = torch.bmm(h, stacks.b[slot].transpose(1, 2))  # (B, T, out)
-    return result + y.reshape(result.shape).to(result.dtype)
+    if x3.shape[1] == 1 or not routing.single:  # all adapters' A at once, each column weighted for its row
+        h = F.linear(x3, stacks.a_cat)  # (B, T, N*R)
+        h = h * routing.block_mask(stacks.a.shape[1], h)[:, None]
+        if stacks.dora_scale is None and not torch.is_grad_enabled() and result.dtype == h.dtype \
+                and result.is_contiguous():  # decoding: added into the base output in place
+            return result.view(-1, result.shape[-1]).addmm_(h.view(-1, h.shape[-1]), stacks.b_cat).view(result.shape)
+        delta = h @ stacks.b_cat  # (B, T, out)
+    else:  # prompts of one adapter per row: each row's own A and B, two batched matmuls
+        h = torch.bmm(x3, stacks.a[slot].transpose(1, 2))  # (B, T, R)
+        delta = torch.bmm(h, stacks.b[slot].transpose(1, 2))  # (B, T, out)
+    delta = delta.reshape(result.shape)
+    if stacks.dora_scale is None:
+        return result + delta.to(result.dtype)
+    # DoRA rows: g * (W0 x + s B A x) + b; g is 1 for plain rows, the base and combinations (which hold no DoRA)
+    bias = getattr(layer.base_layer, "bias", None)
+    g = stacks.dora_scale[slot].reshape(batch, *([1] * (result.dim() - 2)), -1)  # (B, 1.., out)
+    plain = result if bias is None else result - bias
+    out = g * (plain.to(g.dtype) + delta.to(g.dtype))
+    return (out if bias is None else out + bias).to(result.dtype)
 
 
 def embedding_delta(layer: nn.Module, routing: Routing, ids: torch.Tensor) -> torch.Tensor | None:
-    """Per-row scaling * (A^T[ids]) B^T for a LoraEmbedding; A is (r, vocab), so A^T[ids] is a row lookup."""
+    """Each row's scaling * (A^T[ids]) B^T for a LoraEmbedding; A is (r, vocab), so A^T[ids] is a row lookup."""
     stacks = None if layer.disabled else routing.stacks.get(layer)
     if stacks is None:
         return None
     slot = routing.rows_for(ids.shape[0])
     ids2 = ids.reshape(ids.shape[0], -1)  # (B, T)
-    h = stacks.a.transpose(1, 2)[slot[:, None].expand_as(ids2), ids2]  # (B, T, R)
-    y = torch.bmm(h, stacks.b[slot].transpose(1, 2))  # (B, T, dim)
+    if routing.single:
+        h = stacks.a.transpose(1, 2)[slot[:, None].expand_as(ids2), ids2]  # (B, T, R)
+        y = torch.bmm(h, stacks.b[slot].transpose(1, 2))  # (B, T, dim)
+    else:
+        h = stacks.a_cat.T[ids2]  # (B, T, N*R)
+        y = (h * routing.block_mask(stacks.a.shape[1], h)[:, None]) @ stacks.b_cat  # (B, T, dim)
     return y.reshape(*ids.shape, y.shape[-1])
 
 
@@ -217,7 +294,7 @@ def modules_to_save_forward(wrapper: nn.Module, routing: Routing, x: torch.Tenso
     out = wrapper.original_module(x, *args, **kwargs)
     if wrapper.disabled:
         return out
-    slot = routing.rows_for(x.shape[0])
+    slot = routing.rows_for(x.shape[0])  # rows of a combination sit in the base slot (it holds no copy: checked)
     for i, name in enumerate(routing.names):
         rows = (slot == i).nonzero().flatten()
         if name in wrapper.modules_to_save and rows.numel():

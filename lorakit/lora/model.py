@@ -220,12 +220,27 @@ class LoraModel(nn.Module):
                              "to train an adapter, use set_adapter()")
         if self.merged:
             raise ValueError("adapter_names needs unmerged adapters; call unmerge_adapter() first")
-        names, slots = mixed.parse_names(list(adapter_names), set(self.peft_config))
+        mixed.parse_names(list(adapter_names), set(self.peft_config))  # errors name the entry's index
+        for entry in adapter_names:
+            self.check_adapter_entry(entry)
         layers = [m for _, m in lora_layers(self.model)]
-        routing = mixed.Routing(names, torch.tensor(slots, dtype=torch.long, device=self.model.device),
-                                self._stacks.get(layers, names))
+        routing = mixed.make_routing(list(adapter_names), set(self.peft_config), self.model.device,
+                                     lambda names: self._stacks.get(layers, names))
         with mixed.routed(routing.expanded(expand)):
             yield
+
+    def check_adapter_entry(self, entry: str | dict[str, float]) -> None:
+        """Raise ValueError unless `entry` can route a row: an adapter name, BASE, or {name: weight} over loaded
+        adapters none of which is DoRA or has modules_to_save (those cannot be mixed by weight)."""
+        mixed.parse_names([entry], set(self.peft_config))
+        if isinstance(entry, str):
+            return
+        for name in entry:
+            config = self.peft_config[name]
+            if config.use_dora or config.modules_to_save:
+                kind = "a DoRA adapter" if config.use_dora else "an adapter with modules_to_save"
+                raise ValueError(f"adapter_names: the weighted combination {dict(entry)!r} includes '{name}', "
+                                 f"{kind}; such adapters cannot be combined by weight, use it alone")
 
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
         """The transformers model's forward; `adapter_names` picks an adapter per batch row (inference only)."""
