@@ -6,6 +6,7 @@ import sys
 from collections.abc import Callable, Iterable
 
 from .adapters import use_adapter
+from .data import get_template
 from .generation import Sampling, TextStream, generate
 from .lora import LoraModel
 from .lora.mixed import BASE
@@ -16,14 +17,6 @@ HELP = """commands:
   /adapter NAME   switch adapter ({names})
   /help           this text
   /exit           leave (also Ctrl-D); Ctrl-C stops the current answer"""
-
-
-def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """The tokenizer's own chat template, ending with the assistant prefix."""
-    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    if hasattr(out, "keys"):  # transformers 5 returns a BatchEncoding
-        out = out["input_ids"]
-    return list(out)
 
 
 def stop_token_ids(tokenizer, model, stop_words: list[str] | tuple[str, ...] = ()) -> set[int]:
@@ -39,13 +32,14 @@ def stop_token_ids(tokenizer, model, stop_words: list[str] | tuple[str, ...] = (
 
 
 class ChatSession:
-    """One conversation; `render(messages) -> ids` applies the chat template."""
+    """One conversation; `render(messages) -> ids` turns it into the prompt (default: the tokenizer's own template
+    through `data.encode.prompt_ids`, the pieces training tokenises)."""
 
     def __init__(self, model, tokenizer, sampling: Sampling, render: Callable[[list[dict]], list[int]] | None = None,
                  system: str | None = None, adapter: str | None = None, stop_ids: set[int] | None = None,
                  keep_history: bool = True) -> None:
         self.model, self.tokenizer, self.sampling = model, tokenizer, sampling
-        self.render = render or (lambda messages: chat_prompt_ids(tokenizer, messages))
+        self.render = render or get_template(None, tokenizer).prompt_ids
         self.system = system
         self.history: list[dict] = []
         self.keep_history = keep_history

@@ -12,12 +12,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from .adapters import use_adapter
-from .chat import chat_prompt_ids, stop_token_ids
+from .chat import stop_token_ids
+from .data import get_template, pad_collate
 from .generation import Sampling, generate
+from .lora import LoraModel
 from .metrics import contains, exact_match, rouge_l
+from .train.loss import causal_lm_loss, check_chunked_route
 
 
 @dataclass
@@ -44,8 +46,9 @@ def items_from_records(records: list[dict]) -> list[EvalItem]:
 
 def generate_answers(model, tokenizer, items: list[EvalItem], max_new_tokens: int = 64, batch_size: int = 16,
                      render=None, stop_ids: set[int] | None = None) -> list[str]:
-    """Greedy answers, batched by prompt length so little compute goes to padding."""
-    render = render or (lambda messages: chat_prompt_ids(tokenizer, messages))
+    """Greedy answers, batched by prompt length so little compute goes to padding; `render(messages) -> ids` is
+    the prompt (default: the tokenizer's own template through `data.encode.prompt_ids`, as training tokenises)."""
+    render = render or get_template(None, tokenizer).prompt_ids
     prompts = [render(item.prompt) for item in items]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     stop = stop_ids or stop_token_ids(tokenizer, model)
@@ -61,23 +64,19 @@ def generate_answers(model, tokenizer, items: list[EvalItem], max_new_tokens: in
 
 
 @torch.no_grad()
-def reference_loss(model, examples: list[dict], batch_size: int = 8) -> tuple[float, float]:
-    """Mean token cross-entropy of the labelled tokens (labels != -100) and its perplexity."""
-    device = next(model.parameters()).device
+def reference_loss(model, examples: list[dict], batch_size: int = 8, pad_id: int = 0) -> tuple[float, float]:
+    """Mean cross-entropy of the labelled tokens (labels != -100) and its perplexity, by the trainer's own loss
+    (`train.loss.causal_lm_loss`: the head on label positions only, in chunks, so the (batch, tokens, vocab)
+    logits never exist), batched as the trainer's evaluation batches: equal to its eval loss on these examples."""
+    inner = model.get_base_model() if isinstance(model, LoraModel) else model  # LoRA layers sit inside it
+    device = next(inner.parameters()).device
+    ordered = sorted(examples, key=lambda e: len(e["input_ids"]))  # similar lengths together: less padding
+    batches = [pad_collate(ordered[i:i + batch_size], pad_id) for i in range(0, len(ordered), batch_size)]
+    chunked = not batches or check_chunked_route(inner, batches[0]) is None
     total, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
-        width = max(len(e["input_ids"]) for e in chunk)
-        ids = torch.zeros(len(chunk), width, dtype=torch.long)
-        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
-        mask = torch.zeros(len(chunk), width, dtype=torch.long)
-        for row, e in enumerate(chunk):
-            n = len(e["input_ids"])
-            ids[row, :n], labels[row, :n], mask[row, :n] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()  # (B, T, V)
-        target = labels[:, 1:].to(device)  # (B, T-1): position t predicts token t+1
-        total += F.cross_entropy(logits[:, :-1].transpose(1, 2), target, ignore_index=-100, reduction="sum").item()
-        count += int((target != -100).sum())
+    for batch in batches:
+        part, n = causal_lm_loss(inner, {k: v.to(device) for k, v in batch.items()}, chunked=chunked)
+        total, count = total + float(part), count + n
     loss = total / max(count, 1)
     return loss, math.exp(min(loss, 50.0))
 
@@ -108,7 +107,8 @@ def evaluate_models(model, tokenizer, names: list[str], items: list[EvalItem], e
             answers = generate_answers(model, tokenizer, items, max_new_tokens, batch_size, render, stop_ids)
             row = {"model": name, "n": len(items), **score(answers, items)}
             if examples:
-                row["loss"], row["perplexity"] = reference_loss(model, examples, batch_size)
+                pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+                row["loss"], row["perplexity"] = reference_loss(model, examples, batch_size, pad)
         row["seconds"] = round(time.perf_counter() - start, 2)
         row["answers"] = answers
         rows.append(row)
@@ -117,7 +117,7 @@ def evaluate_models(model, tokenizer, names: list[str], items: list[EvalItem], e
 
 def format_table(rows: list[dict]) -> str:
     """A markdown table of the scores, one row per model."""
-    cols = ["model", "n", "contains", "exact_match", "rouge_l", "loss", "perplexity"]
+    cols = ["model", "n", "contains", "exact_match", "rouge_l", "loss", "perplexity", "retention", "kl"]
     cols = [c for c in cols if any(c in r for r in rows)]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:

@@ -5,7 +5,8 @@ import torch
 from conftest import make_model
 
 from lorakit import LoraConfig, get_lora_model
-from lorakit.chat import ChatSession, chat_prompt_ids, run_repl, stop_token_ids
+from lorakit.chat import ChatSession, run_repl, stop_token_ids
+from lorakit.data import get_template
 from lorakit.generation import Sampling
 
 
@@ -23,7 +24,7 @@ def test_streamed_text_is_the_reply_and_history_grows(session):
     session.answer("And again?", lambda s: None)
     roles = [m["role"] for m in session.history]
     assert roles == ["user", "assistant", "user", "assistant"]
-    ids = chat_prompt_ids(session.tokenizer, session.messages())
+    ids = get_template(None, session.tokenizer).prompt_ids(session.messages())
     text = session.tokenizer.decode(ids)
     assert text.count("<|im_start|>user") == 2 and text.endswith("<|im_start|>assistant\n")
 
@@ -46,7 +47,7 @@ def test_base_and_adapter_answers_differ_as_the_models_do(session):
     session.command("/reset")
     session.command("/adapter kb")
     tuned = session.answer("hi", lambda s: None)
-    prompt = torch.tensor([chat_prompt_ids(session.tokenizer, [{"role": "user", "content": "hi"}])])
+    prompt = torch.tensor([get_template(None, session.tokenizer).prompt_ids([{"role": "user", "content": "hi"}])])
     with session.model.disable_adapter():
         expected_base = session.model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0,
                                                eos_token_id=sorted(session.stop_ids))

@@ -4,6 +4,7 @@ SFT: the template splits a conversation into (prompt, reply) pieces; each piece 
 are concatenated (as LLaMA-Factory does), so the reply tokens start exactly where generation would start after the
 prompt. Labels are -100 on prompt pieces (unless `train_on_prompt`) and the token ids on replies, which include the
 end-of-turn marker the model must learn to emit. Every assistant turn of a multi-turn conversation is a label.
+`prompt_ids` is the same path for a prompt (chat, eval, serving): `conversation_texts` then `conversation_ids`.
 
 Truncation keeps the start of each piece and shares `cutoff_len` between prompt and reply turn by turn, as
 LLaMA-Factory does: a short reply is kept whole and the prompt is cut; when both are long, they are cut in
@@ -66,38 +67,52 @@ def encode_records(records: list[dict], tokenizer, template: BuiltinTemplate | T
 
 def _encode_sft(records: list[dict], tokenizer, template, cutoff_len: int, train_on_prompt: bool,
                 stats: dict) -> list[tuple[list[int], list[int]]]:
-    pieces = []  # per record: [(prompt text, reply text), ...]
+    texts = []  # per record: ([(prompt text, reply text), ...], text after the last reply)
     for record in records:
         if "messages" not in record:
             raise DataError(f"{record.get('source', 'a record')}: no 'messages' (is this pre-training text? "
                             "use stage: pt)")
         try:
-            pieces.append(_turn_pairs(template.segments(record["messages"])))
+            texts.append(conversation_texts(template, record["messages"]))
         except DataError as e:
             raise DataError(f"{record.get('source', 'a record')}: {e}") from None
         except Exception as e:  # a Jinja template that rejects the conversation
             raise DataError(f"{record.get('source', 'a record')}: chat template failed: "
                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-    texts = [text for pairs in pieces for pair in pairs for text in pair]
-    ids = iter(tokenize(tokenizer, texts))
-    out = []
-    for pairs in pieces:
-        turns = [(next(ids), next(ids)) for _ in pairs]
-        out.append(_truncate_turns(turns, cutoff_len, train_on_prompt, stats))
-    return out
+    return [_truncate_turns(turns, cutoff_len, train_on_prompt, stats)
+            for turns, _ in conversation_ids(tokenizer, texts)]
 
 
-def _turn_pairs(segments: list[tuple[str, bool]]) -> list[tuple[str, str]]:
-    """(prompt text, reply text) per assistant turn; prompt text after the last reply is dropped (nothing learns
-    from it)."""
+def conversation_texts(template: BuiltinTemplate | TokenizerTemplate, messages: list[dict],
+                       add_generation_prompt: bool = False) -> tuple[list[tuple[str, str]], str]:
+    """The pieces a conversation is tokenised in: (prompt text, reply text) per assistant turn, and the prompt
+    text after the last reply (with the generation prompt when asked; training drops it: nothing learns from it)."""
     pairs, prompt = [], ""
-    for text, is_reply in segments:
+    for text, is_reply in template.segments(messages, add_generation_prompt):
         if is_reply:
             pairs.append((prompt, text))
             prompt = ""
         else:
             prompt += text
-    return pairs
+    return pairs, prompt
+
+
+def conversation_ids(tokenizer, texts: list[tuple[list[tuple[str, str]], str]]
+                     ) -> list[tuple[list[tuple[list[int], list[int]]], list[int]]]:
+    """`conversation_texts` of several conversations to token ids, piece by piece: per conversation,
+    (prompt ids, reply ids) per turn and the ids of the text after the last reply."""
+    flat = [text for pairs, tail in texts for pair in pairs for text in pair] + [tail for _, tail in texts]
+    ids = iter(tokenize(tokenizer, flat))
+    turns = [[(next(ids), next(ids)) for _ in pairs] for pairs, _ in texts]
+    return [(conversation, next(ids)) for conversation in turns]
+
+
+def prompt_ids(template: BuiltinTemplate | TokenizerTemplate, messages: list[dict]) -> list[int]:
+    """The ids a model reads before it writes the next reply to `messages` (chat, eval, serving): the same pieces,
+    tokenised the same way, as in a training example with this history, followed by the generation prompt, so a
+    generated reply starts exactly where a trained one does."""
+    [(turns, tail)] = conversation_ids(template.tokenizer, [conversation_texts(template, messages, True)])
+    return [i for prompt, reply in turns for i in prompt + reply] + tail
 
 
 def _truncate_turns(turns: list[tuple[list[int], list[int]]], cutoff_len: int, train_on_prompt: bool,

@@ -1,6 +1,7 @@
 """Chat templates: a conversation to text pieces, each marked as an assistant reply (a label) or not.
 
-Two kinds share one interface (`segments`, `prompt`, `prompt_ids`, `stop_words`):
+Two kinds share one interface (`segments`, `prompt`, `prompt_ids`, `stop_words`); `prompt_ids` is
+`encode.prompt_ids`, so chat, eval and training tokenise a conversation in the same pieces:
 
 - `TokenizerTemplate`, the default: the tokenizer's own Jinja chat template. The reply pieces are found by
   prefix rendering: the text of turns [0, i) with the generation prompt is a prefix of the text of turns [0, i],
@@ -19,22 +20,6 @@ from dataclasses import dataclass, field, replace
 from .formats import DataError
 
 Segments = list[tuple[str, bool]]
-
-
-def _as_ids(out) -> list[int]:
-    """`apply_chat_template(tokenize=True)` / `tokenizer(...)` output to a flat id list (transformers 5 may return a
-    BatchEncoding rather than a list)."""
-    if hasattr(out, "keys"):
-        out = out["input_ids"]
-    if out and isinstance(out[0], list):
-        out = out[0]
-    return [int(i) for i in out]
-
-
-def _piece_ids(tokenizer, segments: Segments) -> list[int]:
-    """Token ids of a rendered prompt, piece by piece as `encode` tokenises training examples, so a chat prompt
-    and a training prompt with the same history get the same ids."""
-    return [i for text, _ in segments for i in _as_ids(tokenizer(text, add_special_tokens=False))]
 
 
 @dataclass(frozen=True)
@@ -90,7 +75,10 @@ class BuiltinTemplate:
         return "".join(text for text, _ in self.segments(messages, add_generation_prompt=True))
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
-        return _piece_ids(self.tokenizer, self.segments(messages, add_generation_prompt=True))
+        """The ids before the next reply: `encode.prompt_ids`, the one place a prompt becomes ids."""
+        from .encode import prompt_ids  # encode builds on this module
+
+        return prompt_ids(self, messages)
 
     @property
     def stop_words(self) -> list[str]:
@@ -126,7 +114,7 @@ class TokenizerTemplate:
                                 f"{', '.join(TEMPLATES)}")
             out += [(before[len(done):], False), (upto[len(before):], True)]
             done = upto
-        if not messages or messages[-1]["role"] != "assistant":  # else the last rendering was the whole text
+        if add_generation_prompt or not messages or messages[-1]["role"] != "assistant":  # else: all rendered
             full = self.render(messages, add_generation_prompt)
             if not full.startswith(done):
                 raise DataError("the tokenizer's chat template renders the whole conversation differently from its "
@@ -138,7 +126,10 @@ class TokenizerTemplate:
         return self.render(messages, add_generation_prompt=True)
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
-        return _piece_ids(self.tokenizer, self.segments(messages, add_generation_prompt=True))
+        """The ids before the next reply: `encode.prompt_ids`, the one place a prompt becomes ids."""
+        from .encode import prompt_ids  # encode builds on this module
+
+        return prompt_ids(self, messages)
 
     @property
     def stop_words(self) -> list[str]:
