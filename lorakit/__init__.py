@@ -2,7 +2,9 @@
 
 from .lora import (
     LoraConfig,
+    LoraGAConfig,
     LoraModel,
+    gradient_factors,
     get_lora_model,
     get_peft_model_state_dict,
     set_peft_model_state_dict,
@@ -11,5 +13,5 @@ from .quant import dequantize_model, merge_dequantized, quantize_model
 
 __version__ = "0.1.0"
 
-__all__ = ["LoraConfig", "LoraModel", "get_lora_model", "get_peft_model_state_dict", "set_peft_model_state_dict",
+__all__ = ["LoraConfig", "LoraGAConfig", "LoraModel", "gradient_factors", "get_lora_model", "get_peft_model_state_dict", "set_peft_model_state_dict",
            "quantize_model", "dequantize_model", "merge_dequantized"]

@@ -17,7 +17,9 @@ from typing import Any
 
 CONFIG_NAME = "adapter_config.json"
 BIAS_MODES = ("none", "all", "lora_only")
-_INIT_STRINGS = ("gaussian", "pissa", "olora")
+_INIT_STRINGS = ("gaussian", "pissa", "olora", "lora_ga")
+LORA_GA_DIRECTIONS = ("ArB2r", "A2rBr", "ArBr", "random")
+LORA_GA_SCALES = ("stable", "weight_svd", "gd_scale", "unit")
 
 # Default targets when `target_modules` is None, as PEFT's per-architecture table (attention query/value).
 DEFAULT_TARGETS = {
@@ -27,6 +29,35 @@ DEFAULT_TARGETS = {
     "gpt2": ["c_attn"], "opt": ["q_proj", "v_proj"], "gpt_neox": ["query_key_value"], "bloom": ["query_key_value"],
     "falcon": ["query_key_value"], "gptj": ["q_proj", "v_proj"], "smollm3": ["q_proj", "v_proj"],
 }
+
+
+@dataclass
+class LoraGAConfig:
+    """LoRA-GA's options, PEFT's names and defaults (see lora/loraga.py for the formulas)."""
+
+    direction: str = "ArB2r"
+    """Which of the gradient's top 2r singular directions A and B start on: ArB2r, A2rBr, ArBr or random."""
+    scale: str = "stable"
+    """How A and B are scaled: stable (d_out^(1/4) / sqrt(stable_gamma)), weight_svd, gd_scale or unit."""
+    stable_gamma: int = 16
+    """gamma of the stable scale."""
+    stable_scale_on: str = "AB"
+    """lorakit: where the stable scale goes: "AB" (the paper: on A and B, plain singular vectors) or "B" (PEFT 0.21:
+    on B only, B carrying the singular values)."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.direction not in LORA_GA_DIRECTIONS:
+            problems.append(f"direction must be one of {', '.join(LORA_GA_DIRECTIONS)}, got {self.direction!r}")
+        if self.scale not in LORA_GA_SCALES:
+            problems.append(f"scale must be one of {', '.join(LORA_GA_SCALES)}, got {self.scale!r}")
+        if isinstance(self.stable_gamma, bool) or not isinstance(self.stable_gamma, (int, float)) \
+                or self.stable_gamma <= 0:
+            problems.append(f"stable_gamma must be a positive number, got {self.stable_gamma!r}")
+        if self.stable_scale_on not in ("AB", "B"):
+            problems.append(f"stable_scale_on must be 'AB' or 'B', got {self.stable_scale_on!r}")
+        if problems:
+            raise ValueError("invalid LoraGAConfig: " + "; ".join(problems))
 
 
 @dataclass
@@ -52,7 +83,10 @@ class LoraConfig:
     modules_to_save: list[str] | None = None
     """Modules trained in full and saved with the adapter (e.g. a classifier head, lm_head)."""
     init_lora_weights: bool | str = True
-    """True: Kaiming A, zero B; False: random B too (not a no-op); "gaussian"; "pissa"; "pissa_niter_N"; "olora"."""
+    """True: Kaiming A, zero B; False: random B too (not a no-op); "gaussian"; "pissa"; "pissa_niter_N"; "olora";
+    "lora_ga" (from the gradient: get_lora_model(..., lora_ga_factors=lorakit.lora.gradient_factors(...)))."""
+    lora_ga_config: LoraGAConfig | None = None
+    """LoRA-GA's options (init_lora_weights="lora_ga"); None means the defaults."""
     layers_to_transform: list[int] | int | None = None
     """Only wrap modules in these layer indices."""
     layers_pattern: list[str] | str | None = None
@@ -85,7 +119,8 @@ class LoraConfig:
         if self.bias not in BIAS_MODES:
             problems.append(f"bias must be one of {', '.join(BIAS_MODES)}, got {self.bias!r}")
         if not _valid_init(self.init_lora_weights):
-            problems.append(f"init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_N' or 'olora', "
+            problems.append(f"init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_N', 'olora' or "
+                            f"'lora_ga', "
                             f"got {self.init_lora_weights!r}")
         if self.peft_type != "LORA":
             problems.append(f"peft_type must be 'LORA', got {self.peft_type!r}")
@@ -96,6 +131,13 @@ class LoraConfig:
                      for k, v in (self.rank_pattern or {}).items() if not isinstance(v, int) or v <= 0]
         if self.use_dora and isinstance(self.init_lora_weights, str) and self.init_lora_weights != "gaussian":
             problems.append(f"use_dora cannot be combined with init_lora_weights={self.init_lora_weights!r}")
+        if isinstance(self.lora_ga_config, dict):
+            try:
+                self.lora_ga_config = LoraGAConfig(**self.lora_ga_config)
+            except (TypeError, ValueError) as exc:
+                problems.append(f"lora_ga_config: {exc}")
+        if self.init_lora_weights == "lora_ga" and self.lora_ga_config is None:
+            self.lora_ga_config = LoraGAConfig()
         if problems:
             raise ValueError("invalid LoraConfig: " + "; ".join(problems))
         if isinstance(self.target_modules, (set, tuple)):
@@ -128,6 +170,8 @@ class LoraConfig:
         out.update(lora_bias=False, loftq_config={}, megatron_config=None, megatron_core="megatron.core",
                    layer_replication=None, auto_mapping=None, use_qalora=False, target_parameters=None,
                    trainable_token_indices=None, eva_config=None, corda_config=None)
+        if out["lora_ga_config"] is not None:  # lorakit's extra field is not PEFT's
+            out["lora_ga_config"].pop("stable_scale_on", None)
         return out
 
     @classmethod

@@ -57,3 +57,34 @@ def init_principal(weight: torch.Tensor, mode: str, r: int, scaling: float) -> t
         lora_A = (root[:, None] * vh[:r]).contiguous()  # (r, in)
     residual = w - scaling * (lora_B @ lora_A)
     return lora_A, lora_B, residual
+
+
+def init_lora_ga(factors, weight: torch.Tensor, r: int, scaling: float, cfg) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LoRA-GA (lora/loraga.py has the formulas): (A0 (r, in), B0 (out, r), W_res (out, in)) in fp32 for an oriented
+    (out, in) weight, from `factors` (loraga.GradientFactors: the gradient's top-2r SVD) and a LoraGAConfig."""
+    u, s, vh = factors.u, factors.s, factors.vh  # (out, 2r), (2r,), (2r, in)
+    if cfg.direction == "ArB2r":
+        rows_a, cols_b = torch.arange(r), torch.arange(r, 2 * r)
+    elif cfg.direction == "A2rBr":
+        rows_a, cols_b = torch.arange(r, 2 * r), torch.arange(r)
+    elif cfg.direction == "ArBr":
+        rows_a, cols_b = torch.arange(1, 2 * r, 2), torch.arange(0, 2 * r, 2)
+    else:  # random: r of the 2r directions for both, as PEFT
+        rows_a = cols_b = torch.randperm(2 * r)[:r]
+    lora_A = vh[rows_a]  # (r, in)
+    lora_B = u[:, cols_b]  # (out, r)
+    s_b = s[cols_b]  # (r,)
+    out_features = weight.shape[0]
+    stable = out_features**0.25 / math.sqrt(cfg.stable_gamma)
+    if cfg.scale == "stable" and cfg.stable_scale_on == "AB":
+        lora_A, lora_B = lora_A * stable, lora_B * stable
+    else:
+        lora_B = lora_B * s_b  # PEFT: B carries the singular values
+        if cfg.scale == "stable":
+            lora_B = lora_B * stable
+        elif cfg.scale == "weight_svd" and s_b[0] > 0:
+            lora_B = lora_B * (torch.linalg.matrix_norm(weight, ord=2) / s_b[0])
+        elif cfg.scale == "gd_scale":
+            lora_A, lora_B = lora_A / scaling, lora_B / scaling
+    residual = weight - scaling * (lora_B @ lora_A)  # (out, in)
+    return lora_A.contiguous(), lora_B.contiguous(), residual

@@ -130,9 +130,17 @@ def set_submodule(model: nn.Module, key: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]:
-    """Wrap (or extend) every targeted module with adapter `adapter_name`; returns the wrapped names."""
+def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str,
+                   init_factors: dict | None = None) -> list[str]:
+    """Wrap (or extend) every targeted module with adapter `adapter_name`; returns the wrapped names.
+    `init_factors` (module name -> loraga.GradientFactors) is what init_lora_weights="lora_ga" starts from."""
     keys = find_targets(model, config)
+    if config.init_lora_weights == "lora_ga":
+        missing = [key for key in keys if key not in (init_factors or {})]
+        if missing:
+            raise ValueError(f"init_lora_weights='lora_ga' needs the gradient factors of every target layer "
+                             f"(lorakit.lora.gradient_factors(model, config, batches), passed as lora_ga_factors=); "
+                             f"missing for {', '.join(missing[:3])}")
     for key in keys:
         module = model.get_submodule(key)
         if not isinstance(module, LoraLayer):
@@ -140,7 +148,8 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> l
             set_submodule(model, key, module)
         module.add_adapter(adapter_name, r=config.rank_for(key), lora_alpha=config.alpha_for(key),
                            lora_dropout=config.lora_dropout, init=config.init_lora_weights,
-                           use_rslora=config.use_rslora, use_dora=config.use_dora)
+                           use_rslora=config.use_rslora, use_dora=config.use_dora,
+                           init_factors=(init_factors or {}).get(key), lora_ga_config=config.lora_ga_config)
     for key in _modules_to_save_keys(model, config):
         module = model.get_submodule(key)
         if not isinstance(module, ModulesToSave):

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import dora, fastpath, mixed
-from .init import init_embedding, init_plain, init_principal
+from .init import init_embedding, init_lora_ga, init_plain, init_principal
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -216,15 +216,15 @@ class LoraLinear(LoraLayer):
         return list(self.lora_A.keys())
 
     def add_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0, init: bool | str = True,
-                    use_rslora: bool = False, use_dora: bool = False) -> None:
-        """Create adapter `name` and make it active."""
+                    use_rslora: bool = False, use_dora: bool = False, init_factors=None, lora_ga_config=None) -> None:
+        """Create adapter `name` and make it active (`init_factors`, `lora_ga_config`: init "lora_ga" only)."""
         self._set_scalars(name, r, lora_alpha, use_rslora, lora_dropout)
         w = self.base_layer.weight
         dtype = adapter_dtype(w)
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=w.device, dtype=dtype)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=w.device, dtype=dtype)
         if w.device.type != "meta":
-            self._initialise(name, init)
+            self._initialise(name, init, init_factors, lora_ga_config)
         if use_dora:
             magnitude = nn.Module()
             magnitude.weight = nn.Parameter(torch.empty(self.out_features, device=w.device, dtype=dtype))
@@ -233,15 +233,20 @@ class LoraLinear(LoraLayer):
                 dora.reset_magnitude(self, name)
         self.active_adapter = name
 
-    def _initialise(self, name: str, init: bool | str) -> None:
+    def _initialise(self, name: str, init: bool | str, init_factors=None, lora_ga_config=None) -> None:
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
-        if isinstance(init, str) and (init.startswith("pissa") or init == "olora"):
+        if isinstance(init, str) and (init.startswith("pissa") or init in ("olora", "lora_ga")):
             if is_quantized(self.base_layer):
-                raise ValueError("PiSSA/OLoRA init rewrites the base weights, which a quantized base cannot hold; "
+                raise ValueError(f"{init} init rewrites the base weights, which a quantized base cannot hold; "
                                  "use the default init on a quantized base")
             if self.merged:
-                raise ValueError("cannot add a PiSSA/OLoRA adapter while another adapter is merged")
-            lora_A, lora_B, residual = init_principal(self.oriented_weight(), init, self.r[name], self.scaling[name])
+                raise ValueError(f"cannot add a {init} adapter while another adapter is merged")
+            if init == "lora_ga":
+                lora_A, lora_B, residual = init_lora_ga(init_factors, self.oriented_weight(), self.r[name],
+                                                               self.scaling[name], lora_ga_config)
+            else:
+                lora_A, lora_B, residual = init_principal(self.oriented_weight(), init, self.r[name],
+                                                          self.scaling[name])
             with torch.no_grad():
                 a.copy_(lora_A)
                 b.copy_(lora_B)
@@ -316,7 +321,7 @@ class LoraEmbedding(LoraLayer):
         return list(self.lora_embedding_A.keys())
 
     def add_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0, init: bool | str = True,
-                    use_rslora: bool = False, use_dora: bool = False) -> None:
+                    use_rslora: bool = False, use_dora: bool = False, init_factors=None, lora_ga_config=None) -> None:
         if use_dora:
             raise ValueError("DoRA on embedding layers is not supported; remove the embedding from target_modules")
         if isinstance(init, str) and init not in ("gaussian",):

@@ -25,7 +25,8 @@ class LoraModel(nn.Module):
     to it (config, device, generation_config, ...).
     """
 
-    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> None:
+    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default",
+                 lora_ga_factors: dict | None = None) -> None:
         super().__init__()
         self.model = model
         self.peft_config: dict[str, LoraConfig] = {}
@@ -33,7 +34,7 @@ class LoraModel(nn.Module):
         self._initial_factors: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._stacks = mixed.StackCache()  # per-row adapter stacks of the last mixed call (mixed.py)
         self._replaced_base: dict[str, dict[str, torch.Tensor]] = {}  # adapter -> base weights its file replaced
-        self.add_adapter(adapter_name, config)
+        self.add_adapter(adapter_name, config, lora_ga_factors=lora_ga_factors)
 
     def __getattr__(self, name: str):
         try:
@@ -42,21 +43,22 @@ class LoraModel(nn.Module):
             return getattr(self._modules["model"], name)
 
     # --- adapters ----------------------------------------------------------------------------------------------
-    def add_adapter(self, adapter_name: str, config: LoraConfig) -> None:
-        """Inject a new adapter and make it the active one."""
+    def add_adapter(self, adapter_name: str, config: LoraConfig, lora_ga_factors: dict | None = None) -> None:
+        """Inject a new adapter and make it the active one. init_lora_weights="lora_ga" starts from
+        `lora_ga_factors` (lorakit.lora.gradient_factors(model, config, batches), computed on the plain model)."""
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter '{adapter_name}' already exists; delete it first or pick another name")
         if adapter_name == mixed.BASE:
             raise ValueError(f"'{mixed.BASE}' is reserved for 'no adapter'")
         if self.merged and isinstance(config.init_lora_weights, str) and config.init_lora_weights != "gaussian":
-            raise ValueError("unmerge the merged adapter before adding a PiSSA/OLoRA adapter")
+            raise ValueError("unmerge the merged adapter before adding a PiSSA/OLoRA/LoRA-GA adapter")
         if config.target_modules is None or isinstance(config.target_modules, list):
             # record what is wrapped as PEFT does: the architecture's default, or a long list (all-linear) condensed
             # to name suffixes, so the saved config is the one PEFT, vLLM and llama.cpp's converter expect
             config = dataclasses.replace(config, target_modules=resolve_targets(self.model, config))
         elif config.target_modules == "all-linear":
             config = dataclasses.replace(config, target_modules=resolve_targets(self.model, config))
-        inject_adapter(self.model, config, adapter_name)
+        inject_adapter(self.model, config, adapter_name, init_factors=lora_ga_factors)
         config = _with_fan_in_fan_out(self.model, adapter_name, config, source=None)
         self.peft_config[adapter_name] = config
         if isinstance(config.init_lora_weights, str) and config.init_lora_weights != "gaussian":
@@ -278,7 +280,8 @@ class LoraModel(nn.Module):
         # rank doubles; alpha follows so that the scaling (alpha / r, or alpha / sqrt(r)) is unchanged
         factor = math.sqrt(2) if config.use_rslora else 2
         converted = dataclasses.replace(
-            config, r=2 * config.r, lora_alpha=factor * config.lora_alpha, init_lora_weights=True, inference_mode=True,
+            config, r=2 * config.r, lora_alpha=factor * config.lora_alpha, init_lora_weights=True, lora_ga_config=None,
+            inference_mode=True,
             rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
             alpha_pattern={k: factor * v for k, v in config.alpha_pattern.items()})
         return converted, state
@@ -340,6 +343,7 @@ def _load_init(config: LoraConfig) -> bool:
     return False if isinstance(config.init_lora_weights, str) and config.init_lora_weights != "gaussian" else True
 
 
-def get_lora_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> LoraModel:
-    """Wrap `model` with a new adapter (PEFT: get_peft_model)."""
-    return LoraModel(model, config, adapter_name)
+def get_lora_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default",
+                   lora_ga_factors: dict | None = None) -> LoraModel:
+    """Wrap `model` with a new adapter (PEFT: get_peft_model); `lora_ga_factors` for init_lora_weights="lora_ga"."""
+    return LoraModel(model, config, adapter_name, lora_ga_factors=lora_ga_factors)
