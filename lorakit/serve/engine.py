@@ -142,6 +142,7 @@ class Engine:
             except Exception as exc:
                 self._fail_batch(exc)
             else:
+                self.metrics.decode_steps.inc()
                 self._sample(rows, logits, self.batch)
         self._retire()
         self.metrics.running.set(len(self.scheduler.running))

@@ -17,6 +17,8 @@ class Metrics:
                                 ["model", "status"], registry=r)
         self.prompt_tokens = Counter("lorakit_prompt_tokens", "Prompt tokens prefilled", registry=r)
         self.generated_tokens = Counter("lorakit_generation_tokens", "Tokens generated", registry=r)
+        self.decode_steps = Counter("lorakit_decode_steps", "Decode forwards (tokens out / steps: mean batch size)",
+                                    registry=r)
         self.queue = Gauge("lorakit_queue_length", "Requests accepted and waiting for a batch row", registry=r)
         self.running = Gauge("lorakit_running_batch_size", "Rows in the running batch", registry=r)
         self.ttft = Histogram("lorakit_time_to_first_token_seconds", "From arrival to the first token",
