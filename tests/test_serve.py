@@ -35,7 +35,7 @@ def files(tmp_path_factory):
     model = save_tiny_model(root / "model")
     adapters = {name: random_adapter(model, root / name, seed=i, scale=0.4)[0] for i, name in enumerate("ab")}
     random_adapter(model, root / "rs", seed=5, scale=0.4, use_rslora=True)
-    random_adapter(model, root / "dora", seed=6, scale=0.4, use_dora=True)
+    adapters["dora"] = random_adapter(model, root / "dora", seed=6, scale=0.4, use_dora=True)[0]
     save_tiny_model(root / "other", hidden_size=32, intermediate_size=48)  # another shape: its adapters do not fit
     random_adapter(root / "other", root / "misfit", seed=7)
     return {"root": root, "model": model, **adapters}
@@ -74,7 +74,7 @@ def test_models_lists_the_base_and_every_adapter(server, client, files):
     assert models[base].parent is None
 
 
-@pytest.mark.parametrize("adapter", ["a", "b", None])
+@pytest.mark.parametrize("adapter", ["a", "b", "dora", None])
 def test_chat_answer_equals_lorakit_chat(server, client, files, adapter, capsys):
     model = adapter or server.registry.base_id
     reply = ask(client, model, QUESTIONS[0], max_tokens=10)
@@ -121,7 +121,7 @@ def test_stream_equals_whole_answer_with_usage(client):
 
 def test_concurrent_requests_for_different_adapters_equal_their_single_answers(client, server):
     base = server.registry.base_id
-    jobs = [(m, q, n) for m in ("a", "b", base) for q, n in zip(QUESTIONS, (5, 17, 9, 13))]
+    jobs = [(m, q, n) for m in ("a", "b", "dora", base) for q, n in zip(QUESTIONS, (5, 17, 9, 13))]
     alone = [ask(client, m, q, n).choices[0].message.content for m, q, n in jobs]
     tokens, steps = server.metric("lorakit_generation_tokens_total"), server.metric("lorakit_decode_steps_total")
     with ThreadPoolExecutor(len(jobs)) as pool:  # rows join and leave the batch at different steps
@@ -165,11 +165,29 @@ def test_errors_have_openai_shape_and_status(client, server):
     assert status == 400 and body["param"] == "frobnicate" and "unknown field" in body["message"]
     status, body = error_of(lambda: ask(client, "a", "hi", logprobs=True))
     assert status == 400 and body["param"] == "logprobs"
-    status, body = error_of(lambda: ask(client, "dora", "hi"))
-    assert status == 400 and "DoRA" in body["message"]
-    status, body = error_of(lambda: ask(client, server.registry.base_id, "hi", extra_body={"adapters": {"a": 0.5}}))
-    assert status == 400 and body["param"] == "adapters"
     assert all(isinstance(v, str) or v is None for v in body.values())
+
+
+def test_weighted_combination_per_request(client, server, files):
+    base = server.registry.base_id
+
+    def combo(weights: dict, model: str = base):
+        return ask(client, model, QUESTIONS[0], 10, extra_body={"adapters": weights}).choices[0].message.content
+
+    assert combo({"a": 1.0}) == ask(client, "a", QUESTIONS[0], 10).choices[0].message.content
+    half = combo({"a": 0.5, "b": 0.5})
+    tokenizer = AutoTokenizer.from_pretrained(files["model"])
+    model = load_adapters(AutoModelForCausalLM.from_pretrained(files["model"]).eval(),
+                          parse_adapter_specs(f"a={files['a']},b={files['b']}"))
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": QUESTIONS[0]}], add_generation_prompt=True,
+                                           tokenize=True, return_dict=False)
+    ids = generate(model, [list(prompt)], Sampling(max_new_tokens=10), stop_token_ids(tokenizer, model),
+                   tokenizer.pad_token_id, adapter_names=[{"a": 0.5, "b": 0.5}])[0]
+    assert half == tokenizer.decode(ids, skip_special_tokens=True)
+    status, body = error_of(lambda: combo({"a": 0.5, "dora": 0.5}))
+    assert status == 400 and body["param"] == "adapters" and "DoRA" in body["message"]
+    assert error_of(lambda: combo({"zz": 1.0}))[0] == 404
+    assert error_of(lambda: combo({"a": 1.0}, model="b"))[1]["param"] == "model"
 
 
 def test_malformed_burst_then_a_correct_answer(client, server):

@@ -187,7 +187,6 @@ class Front:
         if body.adapters is not None and entry is not self.registry.base:
             raise ApiError(400, f"with adapters, model must be the base id '{self.registry.base_id}'",
                            param="model")
-        self.registry.check_servable(entry)
         return entry
 
     def sequence(self, body, entry, prompt: list[int], emit) -> Sequence:

@@ -23,9 +23,6 @@ from ..lora import LoraConfig, LoraModel
 from ..lora.mixed import BASE
 from .protocol import ApiError
 
-MIXED_DORA = False  # lorakit.lora.mixed refuses DoRA adapters in per-row batches
-MIXED_WEIGHTS = False  # ... and weighted combinations of adapters in one row
-
 
 @dataclass
 class Entry:
@@ -82,23 +79,21 @@ class Registry:
     def names(self) -> list[str]:
         return [n for n, e in self.entries.items() if not e.unloading]
 
-    def check_servable(self, entry: Entry) -> None:
-        """400 for an adapter the per-row path cannot run yet."""
-        if entry.config is not None and entry.config.use_dora and not MIXED_DORA:
-            raise ApiError(400, f"adapter '{entry.name}' is a DoRA adapter, which lorakit serve cannot run in a "
-                                f"shared batch yet; merge it (lorakit merge) and serve the merged model",
-                           param="model", code="unsupported_adapter")
-
     def weights(self, adapters: dict[str, float]) -> tuple[tuple[str, float], ...]:
-        """A request's weighted combination {name: weight}, checked; 400 while the per-row path lacks it."""
-        if not MIXED_WEIGHTS:
-            raise ApiError(400, "adapters (a weighted combination of adapters per request) is not supported yet: "
-                                "lorakit.lora.mixed runs one adapter per row", param="adapters",
-                           code="unsupported_value")
+        """A request's weighted combination {name: weight} of served adapters (delta = sum w_i s_i B_i A_i x);
+        404 for an unknown name, 400 for a combination the per-row path refuses (one with a DoRA adapter, or with
+        modules_to_save)."""
         if not adapters:
             raise ApiError(400, "adapters: give at least one {name: weight}", param="adapters")
         for name in adapters:
-            self.check_servable(self.resolve(name))
+            if name not in self.names():
+                raise ApiError(404, f"adapters: '{name}' is not a served adapter; served: {', '.join(self.names())}",
+                               param="adapters", code="model_not_found")
+        try:
+            self.model.check_adapter_entry(dict(adapters))
+        except ValueError as exc:
+            raise ApiError(400, str(exc).replace("adapter_names: ", "adapters: "), param="adapters",
+                           code="unsupported_value") from None
         return tuple(sorted(adapters.items()))
 
     def listing(self) -> list[dict]:
