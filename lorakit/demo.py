@@ -44,7 +44,7 @@ def score(model, tokenizer, items, names: list[str], template: str | None, bf16:
     device = next(model.parameters()).device
     amp = autocast_dtype(device, bf16, False)
     with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-        return evaluate_models(model, tokenizer, names, items, max_new_tokens=40, batch_size=40, render=render)
+        return evaluate_models(model, tokenizer, names, items, max_new_tokens=40, batch_size=len(items), render=render)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,8 @@ template's end-of-turn token; Ctrl-C stops the current reply, Ctrl-D or /exit le
 In the chat: /reset, /system TEXT, /adapter NAME (or __base__), /help, /exit.
 --prompt TEXT answers once and exits. When stdin is not a terminal, each line read is one user turn of a
 single conversation (slash commands work; history=false answers every line on its own); the replies go to stdout,
-one per line, and loading messages to stderr.
+exactly one line per line read (a newline inside a reply is written as \\n, a backslash as \\\\), and loading
+messages to stderr.
 
 examples:
   lorakit chat --adapter saves/kb
@@ -170,7 +171,37 @@ def converse(session, args: ChatArgs) -> int:
         session.answer(args.prompt, write)
         write("\n")
         return 0
-    interactive = sys.stdin.isatty()
-    run_repl(session, lines=None if interactive else (line.rstrip("\n") for line in sys.stdin),
-             interactive=interactive)
+    if sys.stdin.isatty():
+        run_repl(session, interactive=True)
+    else:
+        reply_lines(session, sys.stdin, sys.stdout)
     return 0
+
+
+def one_line(text: str) -> str:
+    """A reply on one line: a backslash becomes \\\\, a newline \\n, a carriage return \\r (reversible)."""
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def reply_lines(session, lines, out) -> None:
+    """stdin not a terminal: each non-blank line is one user turn (or a /command), and each gets exactly one line
+    on `out` (a reply, or a command's note; /exit ends without one), newlines inside escaped by `one_line`, so
+    a script can pair its questions with the answers."""
+
+    def write(piece: str) -> None:
+        out.write(one_line(piece))
+        out.flush()
+
+    for raw in lines:
+        line = raw.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            text, keep_going = session.command(line)
+            if not keep_going:
+                break
+            write(text)
+        else:
+            session.answer(line, write)
+        out.write("\n")
+        out.flush()

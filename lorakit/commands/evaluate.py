@@ -4,8 +4,11 @@
 
 Per model: the loss and perplexity of the reference answers (teacher forcing, every assistant turn) and scores of
 greedy answers to the prompts: exact match, contains-the-answer (a record's "answer" field, a string or a list;
-else the reference itself), ROUGE-L F1. The table goes to stdout (markdown), the details to the JSON file.
-The data set is read before any model loads, in any format `lorakit train` reads.
+else the reference itself), ROUGE-L F1. Per adapter also, on general probes (`lorakit.retention`): retention, the
+share of the probes the base answers right that the adapter still answers right, and the mean KL(base || adapter)
+of the next-token distributions over the first 16 positions of the base's own greedy answers, teacher-forced.
+The table goes to stdout (markdown), the details to the JSON file. The data set and the probe file are read before
+any model loads, the data set in any format `lorakit train` reads.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ Score the base model and each adapter on a data set: loss and perplexity of the 
 answers scored by exact match, contains-the-answer and ROUGE-L. A markdown table goes to stdout; --output writes
 everything (scores, answers, references) as JSON. Records may carry an "answer" field: the fact an answer must
 contain (a string or a list of acceptable ones); without it the whole reference answer must appear.
+With adapters, retention and KL against the base on 181 general probes are scored too (retention=false skips
+them; retention_probes=FILE uses your own probes).
 
 examples:
   lorakit eval --adapter saves/kb --dataset data/heldout.jsonl
@@ -71,6 +76,13 @@ class EvalArgs:
     """Weights dtype: float32, bfloat16, float16, or auto."""
     device: str | None = None
     """cpu, cuda, ...; empty picks CUDA when present."""
+    retention: bool = True
+    """With adapters: also score, on general probes, the share of the probes the base answers right that each
+    adapter still answers right, and the mean KL(base || adapter) over the first 16 positions of the base's answers
+    (teacher-forced)."""
+    retention_probes: str | None = None
+    """Probe file for retention: a JSON list of {"prompt", "answer": keyword or [keywords]}; empty: lorakit's 181
+    shipped probes (facts, arithmetic, language, simple instructions)."""
 
     def __post_init__(self) -> None:
         from ..data import DataError, check_template
@@ -119,7 +131,10 @@ def evaluate(args: EvalArgs) -> dict:
     from ..evaluate import evaluate_models, items_from_records
     from .chat import load_for_inference
 
+    from ..retention import load_probes
+
     records = load_records(args.dataset, args.dataset_dir, "sft", args.max_samples)
+    probes = load_probes(args.retention_probes) if args.retention else None  # checked before the model loads
     if not any("messages" in r for r in records):
         raise DataError(f"dataset {args.dataset!r} holds plain text; lorakit eval needs conversations "
                         f"(prompts with reference answers)")
@@ -134,6 +149,8 @@ def evaluate(args: EvalArgs) -> dict:
     rows = evaluate_models(model, tokenizer, names, items, examples, args.max_new_tokens, args.batch_size,
                            render=template.prompt_ids, stop_ids=stop_ids,
                            on_model=lambda name: say("eval", f"scoring {name} on {len(items)} prompts"))
+    if probes and plan.names:
+        add_retention(rows, model, tokenizer, probes, template, stop_ids, args)
     dirs = {name: str(path) for name, path in plan.pairs}
     for row in rows:
         row["adapter_dir"] = dirs.get(row["model"])
@@ -141,6 +158,23 @@ def evaluate(args: EvalArgs) -> dict:
             "n": len(items), "max_new_tokens": args.max_new_tokens, "models": rows,
             "items": [{"prompt": it.prompt[-1]["content"] if it.prompt else "", "reference": it.reference,
                        "expected": it.answers} for it in items]}
+
+
+def add_retention(rows: list[dict], model, tokenizer, probes, template, stop_ids: set[int], args: EvalArgs) -> None:
+    """Retention and KL of every adapter row against the base's greedy answers to the probes (computed once)."""
+    from ..retention import ask, retention_of
+
+    say("eval", f"retention: the base answers {len(probes)} general probes")
+    base = ask(model, tokenizer, probes, "__base__", template.prompt_ids, stop_ids, batch_size=args.batch_size)
+    for row in rows:
+        if row["model"] == "__base__":
+            row["probe_score"] = base.score
+            continue
+        say("eval", f"retention: {row['model']} answers them")
+        kept, answers = retention_of(model, tokenizer, row["model"], base, probes, template.prompt_ids, stop_ids,
+                                     batch_size=args.batch_size)
+        row.update(kept)
+        row["probe_answers"] = answers.texts
 
 
 def write_json(path: Path, data: dict) -> None:

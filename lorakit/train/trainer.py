@@ -43,6 +43,7 @@ from .precision import store_frozen_base
 from .prepare import Data, clear_previous_run, preflight, prepare_data, steps_per_epoch
 from .report import MetricsLog, human, plot_loss
 from .schedule import get_lr, warmup_steps_for
+from .self_replay import build_replay
 
 CONFIG_NAME = "training_args.yaml"
 RESULTS_NAME = "train_results.json"
@@ -357,7 +358,8 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
     amp_dtype = pick_precision(device, cfg)
     say(f"lorakit train: loading {plan.model_path} ...")
     model, tokenizer, _ = load_model(cfg.model_name_or_path, dtype="float32", device=device)
-    data = prepare_data(cfg, plan.records, tokenizer)
+    replay = build_replay(cfg, plan.replay, model, tokenizer, plan.model_path, amp_dtype)  # before any LoRA
+    data = prepare_data(cfg, plan.records, tokenizer, replay)
     seed_everything(cfg.seed)
     trainable = make_trainable(model, cfg)
     if cfg.gradient_checkpointing:
