@@ -1,69 +1,42 @@
-"""The `lorakit` command: one subcommand per job, each `lorakit JOB [CONFIG.yaml] [key=value ...]`.
+"""The `lorakit` command: one subcommand per job, each `lorakit JOB [CONFIG.yaml] [key=value ...] [--key value ...]`.
 
-Jobs: train, chat, eval, merge (alias export); `lorakit JOB --help` lists each one's keys.
-Errors a user can fix (bad config, missing data, unknown model, occupied output_dir) print as one
-`lorakit JOB: error: ...` message and exit with status 2 (config) or 1; set LORAKIT_DEBUG=1 for the traceback.
-Ctrl-C during training saves a checkpoint and exits with status 130.
+Jobs: train, chat, eval, merge (alias export); `lorakit JOB --help` lists each one's keys. Every job runs in the
+same frame (commands/arguments.py: run_command): errors a user can fix (bad config, missing data, unknown model,
+occupied output_dir) print as one `lorakit JOB: error: ...` message and exit with status 2 (config) or 1; set
+LORAKIT_DEBUG=1 for the traceback. Ctrl-C exits with status 130 (during training, after saving a checkpoint).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable
 
-USAGE_TRAIN = """usage: lorakit train [CONFIG.yaml] [KEY=VALUE ...]
+USAGE_TRAIN = """usage: lorakit train [CONFIG.yaml] [KEY=VALUE ...] [--KEY VALUE ...] [--FLAG ...]
 
 Train a LoRA adapter (or the full model, or its last layers) on a data set.
-CONFIG.yaml uses LLaMA-Factory's keys; KEY=VALUE pairs override it (values are YAML scalars: 1e-4, true, null).
+CONFIG.yaml uses LLaMA-Factory's keys; KEY=VALUE, --KEY VALUE and --KEY=VALUE set or override a key, and a boolean
+key given alone (--bf16, --do_train, --plot_loss) is true, as in LLaMA-Factory's own shell scripts. Values on the
+command line are converted by the key's type (1e-4, true, null for empty).
 
-example:
+examples:
   lorakit train examples/llama3_lora_sft.yaml model_name_or_path=/models/llama3 output_dir=saves/run1
   lorakit train dataset=data/my.jsonl num_train_epochs=2 lora_rank=16
+  lorakit train --model_name_or_path /models/qwen --do_train --dataset data/my.jsonl --lora_target all \\
+      --output_dir saves/qwen --num_train_epochs 3.0 --plot_loss --bf16
 
-keys (default, then meaning):
 """
 
 
-def split_train_args(args: list[str]) -> tuple[str | None, list[str]]:
-    """(config path or None, overrides): the config is the first argument that is not KEY=VALUE."""
-    paths = [a for a in args if "=" not in a]
-    overrides = [a for a in args if "=" in a]
-    if len(paths) > 1:
-        raise SystemExit(f"lorakit train: error: more than one config file given: {', '.join(paths)}")
-    return (paths[0] if paths else None), overrides
-
-
 def run_train(args: list[str]) -> int:
-    """`lorakit train`: exit status 0 done, 1 bad input, 2 bad config, 130 interrupted."""
-    if any(a in ("-h", "--help") for a in args):
-        from .train.options import config_help
+    """`lorakit train`: exit status 0 done, 1 bad input, 2 bad config, 130 interrupted (a checkpoint was saved)."""
+    from .commands.arguments import run_command
+    from .train import TrainConfig, train
 
-        print(USAGE_TRAIN + config_help())
-        return 0
-    from .commands.arguments import fail
-    from .data import DataError
-    from .models import ModelError
-    from .train import CheckpointError, ConfigError, TrainError, load_config, train
+    def work(config: TrainConfig) -> int:
+        return 130 if train(config).get("status") == "interrupted" else 0
 
-    path, overrides = split_train_args(args)
-    try:
-        config, ignored = load_config(path, overrides)
-    except ConfigError as exc:
-        return fail("train", exc, 2)
-    if ignored:
-        print(f"lorakit train: ignoring keys that change nothing here: {', '.join(ignored)}", file=sys.stderr)
-    try:
-        results = train(config)
-    except (TrainError, DataError, ModelError, CheckpointError, ValueError) as exc:
-        if os.environ.get("LORAKIT_DEBUG"):
-            raise
-        return fail("train", exc, 1)
-    except KeyboardInterrupt:  # before the loop started, or a second Ctrl-C inside it
-        print("lorakit train: aborted", file=sys.stderr)
-        return 130
-    return 130 if results.get("status") == "interrupted" else 0
+    return run_command("train", args, TrainConfig, USAGE_TRAIN, {}, {}, work)
 
 
 def run_chat(args: list[str]) -> int:
@@ -92,7 +65,7 @@ def run_export(args: list[str]) -> int:
 
 # Only subcommands that work are listed; each takes its raw arguments and returns an exit status.
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
-    "train": (run_train, "train an adapter: lorakit train [CONFIG.yaml] [key=value ...]"),
+    "train": (run_train, "train an adapter: lorakit train [CONFIG.yaml] [key=value ...] [--key value ...]"),
     "chat": (run_chat, "chat with a model and its adapters: lorakit chat [CONFIG.yaml] [--adapter DIR] [--prompt T]"),
     "eval": (run_eval, "score base and adapters side by side: lorakit eval --adapter DIR --dataset DATA"),
     "merge": (run_merge, "merge adapters into a standalone HF or GGUF model: lorakit merge --adapter DIR "

@@ -6,7 +6,8 @@ import dataclasses
 
 import pytest
 
-from lorakit.cli import COMMANDS, main, split_train_args
+from lorakit.cli import COMMANDS, main
+from lorakit.settings import split_argv
 from lorakit.train import TrainConfig
 
 
@@ -53,10 +54,35 @@ def test_single_config_problem_is_one_line(capsys, tmp_path):
 
 
 def test_config_path_and_overrides_are_told_apart():
-    assert split_train_args(["run.yaml", "lora_rank=4", "bf16=true"]) == ("run.yaml", ["lora_rank=4", "bf16=true"])
-    assert split_train_args(["lora_rank=4"]) == (None, ["lora_rank=4"])
-    with pytest.raises(SystemExit, match="more than one config file"):
-        split_train_args(["a.yaml", "b.yaml"])
+    assert split_argv(TrainConfig, ["run.yaml", "lora_rank=4", "bf16=true"], {}) == (
+        "run.yaml", {"lora_rank": "4", "bf16": "true"}, [])
+    assert split_argv(TrainConfig, ["lora_rank=4"], {}) == (None, {"lora_rank": "4"}, [])
+    assert "more than one config file" in split_argv(TrainConfig, ["a.yaml", "b.yaml"], {})[2][0]
+    assert main(["train", "a.yaml", "b.yaml"]) == 2
+
+
+def test_train_takes_llama_factory_shell_flags(capsys):
+    """The flags of LLaMA-Factory's example scripts: --key value, --key=value and bare booleans, mixed with
+    key=value; a bad one is a settings error (exit 2) like any other."""
+    from lorakit.train import load_config
+
+    argv = ["--model_name_or_path", "M", "--do_train", "--dataset", "d.jsonl", "--lora_target", "all",
+            "--output_dir=saves/x", "--num_train_epochs", "2.0", "--learning_rate", "1e-4", "--plot_loss", "--bf16",
+            "--overwrite_cache", "--overwrite_output_dir", "--preprocessing_num_workers", "16", "lora_rank=4",
+            "--val_size", "0.1", "--gradient_checkpointing", "false", "--resume_from_checkpoint", "saves/x/ck"]
+    config, ignored = load_config(None, argv)
+    assert (config.model_name_or_path, config.dataset, config.output_dir) == ("M", "d.jsonl", "saves/x")
+    assert config.do_train and config.plot_loss and config.bf16 and config.overwrite_output_dir
+    assert (config.num_train_epochs, config.learning_rate, config.lora_rank, config.val_size) == (2.0, 1e-4, 4, 0.1)
+    assert config.gradient_checkpointing is False and config.resume_from_checkpoint == "saves/x/ck"
+    assert ignored == ["overwrite_cache", "preprocessing_num_workers"]
+    assert load_config(None, ["--dataset", "d", "--resume_from_checkpoint"])[0].resume_from_checkpoint is True
+    assert main(["train", "--dataset", "d.jsonl", "--lora_rank"]) == 2
+    assert "flag --lora_rank needs a value" in capsys.readouterr().err
+    assert main(["train", "--dataset", "d.jsonl", "--bf16", "maybe"]) == 2  # 'maybe' is taken as a config path
+    assert main(["train", "--dataset", "d.jsonl", "--lora_rnak", "4", "-x"]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean 'lora_rank'" in err and "unknown option '-x'" in err
 
 
 def test_fail_prints_one_clean_line(capsys):

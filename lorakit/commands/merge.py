@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+from ..dtypes import DTYPE_NAMES
 from ..lora.combine import COMBINATIONS, FACTORED
 from .arguments import ConfigError, run_command, say
 
@@ -49,7 +50,7 @@ FLAGS = {"--adapter": "adapter_name_or_path", "--adapters": "adapter_name_or_pat
 ALIASES = {k.removeprefix("--"): v for k, v in FLAGS.items()}
 FORMATS = ("hf", "gguf", "gguf-lora")
 GGUF_QUANTS = ("f32", "f16", "bf16", "q8_0")
-DTYPES = ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
+DTYPES = tuple(DTYPE_NAMES)
 DENSITY_TYPES = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
 MERGED = "merged"  # name of the combined adapter
 # fp32 rounding alone moves SmolLM2-135M's logits by ~1e-4 between W x + s B A x and (W + s B A) x over 30 layers

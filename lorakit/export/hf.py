@@ -12,16 +12,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..dtypes import DTYPE_NAMES
 from .staging import staged_directory
-
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
 
 
 def parse_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ValueError(f"export_dtype {name!r} is not one of {', '.join(sorted(set(DTYPES)))}")
-    return DTYPES[name]
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"export_dtype {name!r} is not one of {', '.join(DTYPE_NAMES)}")
+    return DTYPE_NAMES[name]
 
 
 def probe_ids(vocab_size: int, length: int = 16) -> torch.Tensor:

@@ -2,9 +2,9 @@
 
 A packed row holds several examples back to back (position ids restart at 0 at each). transformers gives SDPA
 a (B, 1, T, T) block-diagonal causal mask for it, and a masked SDPA kernel computes every one of the T x T
-scores, then throws most away: on a 512-token row of eight 64-token examples that is 8x the attention work, and
-on the demo set it made attention 30 % of a bf16 training step on CPU. Here each example's span goes through
-SDPA on its own with `is_causal=True`, so the work is sum(len_i^2) / 2, and the kernel runs causal and unmasked.
+scores, then throws most away: on a 512-token row of eight 64-token examples that is 8x the attention work. Here
+each example's span goes through SDPA on its own with `is_causal=True`, so the work is sum(len_i^2) / 2, and the
+kernel runs causal and unmasked (what it is worth: bench/bench_levers.py, the README's levers table).
 
 The spans come from the batch, not from the mask: `causal_lm_loss` computes them once per forward from the
 position ids of a packed batch (`mark_packed`) and attaches them to that position-ids tensor, which transformers
@@ -78,7 +78,7 @@ def packed_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
         # under autocast q and k arrive in fp32 (the rotary cos/sin are fp32) and v in bf16
         query, key, value = query.float(), key.float(), value.float()
     # grouped key/value heads stay grouped (SDPA's enable_gqa): repeating them to every query head, as transformers'
-    # repeat_kv does, kept fp32 copies of k and v per query head for the backward (~47 MB per 512 tokens here)
+    # repeat_kv does, would keep fp32 copies of k and v per query head for the backward
     gqa = key.shape[1] != query.shape[1]
     # autocast lists SDPA among its bf16 ops: left on, it would cast the fp32 spans straight back
     with torch.autocast(device, enabled=False) if fp32 else contextlib.nullcontext():
@@ -105,9 +105,8 @@ def use_packed_attention(model: nn.Module) -> bool:
         return False
     weight = next(model.parameters(), None)
     if weight is not None and weight.device.type != "cpu":
-        # measured on an H200 (torch 2.11, bf16): the loop of per-example SDPA calls, each a new shape, made the
-        # demo-set step about 3x slower than one masked call per row; GPUs keep transformers' SDPA (flash-attention
-        # varlen is the route there)
+        # on a GPU the loop of per-example SDPA calls, each a new shape, lost to one masked call per row (the README,
+        # "On a GPU"); GPUs keep transformers' SDPA (flash-attention varlen is the route there)
         return False
     try:
         from transformers import AttentionInterface

@@ -6,41 +6,36 @@
         adapter_resume.safetensors                       PiSSA/OLoRA only: the factors as trained (the PEFT file
                                                          holds them converted for the untouched base)
         optimizer.pt                                     AdamW state (+ the fp16 loss scaler)
-        scheduler.pt                                     the schedule: step, total, warmup, kind
-        rng_state.pth                                    python, numpy, torch CPU and CUDA generators
-        trainer_state.json                               step, epoch, data position, last metrics
+        trainer_state.json                               the TrainerState (state.py): step, data position, examples
+                                                         consumed, schedule, RNG states, last metrics
 
-A checkpoint is written under a temporary name and renamed into place, so a crash never leaves one that looks
-complete. Resuming restores weights, optimizer, RNG and the data position, so a resumed run ends where an
-uninterrupted one does.
+Every file here is read back by a resume. The learning rate is a pure function of the step and the schedule
+(schedule.py), so the schedule saved in trainer_state.json is all a scheduler would have held; a resume checks it
+against the run's own. A checkpoint is built in a temporary sibling and renamed into place (lorakit.files), so a
+crash never leaves one that looks complete.
 """
 
 from __future__ import annotations
 
-import json
-import random
 import re
 import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..files import staged_directory, staged_file
 from ..lora import get_peft_model_state_dict, set_peft_model_state_dict
 from .methods import Trainable
+from .state import STATE_FILE, CheckpointError, Schedule, TrainerState
 
-PREFIX = "checkpoint-"
-STATE_NAME = "trainer_state.json"
-OPTIMIZER_NAME = "optimizer.pt"
-SCHEDULER_NAME = "scheduler.pt"
-RNG_NAME = "rng_state.pth"
-RESUME_WEIGHTS = "adapter_resume.safetensors"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
+CHECKPOINT_PREFIX = "checkpoint-"
+OPTIMIZER_FILE = "optimizer.pt"
+RESUME_WEIGHTS_FILE = "adapter_resume.safetensors"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be found or does not fit the run; one line."""
+__all__ = ["CHECKPOINT_PREFIX", "CheckpointError", "list_checkpoints", "load_checkpoint", "resolve_resume",
+           "save_checkpoint", "save_weights"]
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -48,8 +43,8 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     root = Path(output_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and re.fullmatch(rf"{PREFIX}\d+", p.name)]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+    found = [p for p in root.iterdir() if p.is_dir() and re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
 def resolve_resume(value: str | bool | None, output_dir: str | Path) -> Path | None:
@@ -59,11 +54,12 @@ def resolve_resume(value: str | bool | None, output_dir: str | Path) -> Path | N
     if value is True or str(value).lower() == "true":
         found = list_checkpoints(output_dir)
         if not found:
-            raise CheckpointError(f"resume_from_checkpoint: true, but '{output_dir}' has no {PREFIX}* directory")
+            raise CheckpointError(f"resume_from_checkpoint: true, but '{output_dir}' has no "
+                                  f"{CHECKPOINT_PREFIX}* directory")
         return found[-1]
     path = Path(value)
-    if not (path / STATE_NAME).is_file():
-        raise CheckpointError(f"resume_from_checkpoint: '{path}' is not a checkpoint (no {STATE_NAME})")
+    if not (path / STATE_FILE).is_file():
+        raise CheckpointError(f"resume_from_checkpoint: '{path}' is not a checkpoint (no {STATE_FILE})")
     return path
 
 
@@ -76,27 +72,21 @@ def save_weights(trainable: Trainable, directory: Path) -> None:
     init = trainable.lora.peft_config["default"].init_lora_weights
     if isinstance(init, str) and init != "gaussian":  # PiSSA/OLoRA: the PEFT file is converted, keep the raw too
         raw = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(trainable.lora).items()}
-        save_file(raw, str(directory / RESUME_WEIGHTS), metadata={"format": "pt"})
+        with staged_file(directory / RESUME_WEIGHTS_FILE) as tmp:
+            save_file(raw, str(tmp), metadata={"format": "pt"})
 
 
 def save_checkpoint(output_dir: str | Path, trainable: Trainable, optimizer: torch.optim.Optimizer,
-                    scaler: torch.amp.GradScaler | None, schedule: dict, state: dict,
-                    limit: int | None = None) -> Path:
-    """Write checkpoint-STEP atomically (temporary directory + rename), then keep only the newest `limit`."""
+                    scaler: torch.amp.GradScaler | None, state: TrainerState, limit: int | None = None) -> Path:
+    """Write checkpoint-STEP for `state` all at once (replacing one of that step a resumed run left), then keep
+    only the newest `limit`."""
     root = Path(output_dir)
-    final = root / f"{PREFIX}{state['global_step']}"
-    tmp = root / f".tmp-{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_weights(trainable, tmp)
-    torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None},
-               tmp / OPTIMIZER_NAME)
-    torch.save(schedule, tmp / SCHEDULER_NAME)
-    torch.save(rng_state(), tmp / RNG_NAME)
-    (tmp / STATE_NAME).write_text(json.dumps(state, indent=2) + "\n")
-    if final.exists():  # a resumed run passing a step it saved before
-        shutil.rmtree(final)
-    tmp.rename(final)
+    final = root / f"{CHECKPOINT_PREFIX}{state.step}"
+    with staged_directory(final) as tmp:
+        save_weights(trainable, tmp)
+        torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None},
+                   tmp / OPTIMIZER_FILE)
+        state.save(tmp)
     if limit:
         for old in list_checkpoints(root)[:-limit]:
             shutil.rmtree(old, ignore_errors=True)
@@ -104,11 +94,14 @@ def save_checkpoint(output_dir: str | Path, trainable: Trainable, optimizer: tor
 
 
 def load_checkpoint(path: Path, trainable: Trainable, optimizer: torch.optim.Optimizer,
-                    scaler: torch.amp.GradScaler | None) -> dict:
-    """Restore weights, optimizer (and scaler) from `path`; returns its trainer state. RNG is restored separately
-    (`restore_rng`), last, so nothing done while setting up the run can disturb it."""
+                    scaler: torch.amp.GradScaler | None, schedule: Schedule) -> TrainerState:
+    """Check that `path` was made with this run's `schedule` (CheckpointError naming the first key that differs),
+    then restore weights, optimizer (and scaler); returns its trainer state. Its RNG states are for the caller to
+    restore (`state.restore_rng()`) last, so that nothing done while setting up the run disturbs them."""
+    state = TrainerState.load(path)
+    state.check_resumable_by(schedule, path.name)
     load_weights(path, trainable)
-    saved = torch.load(path / OPTIMIZER_NAME, map_location="cpu", weights_only=True)
+    saved = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
     try:
         optimizer.load_state_dict(saved["optimizer"])
     except ValueError as exc:
@@ -116,14 +109,15 @@ def load_checkpoint(path: Path, trainable: Trainable, optimizer: torch.optim.Opt
                               "was it made with other finetuning settings?") from None
     if scaler is not None and saved.get("scaler"):
         scaler.load_state_dict(saved["scaler"])
-    return json.loads((path / STATE_NAME).read_text())
+    return state
 
 
 def load_weights(path: Path, trainable: Trainable) -> None:
     if trainable.lora is not None:
-        source = path / RESUME_WEIGHTS if (path / RESUME_WEIGHTS).is_file() else path / ADAPTER_WEIGHTS
+        resume = path / RESUME_WEIGHTS_FILE
+        source = resume if resume.is_file() else path / ADAPTER_WEIGHTS_FILE
         if not source.is_file():
-            raise CheckpointError(f"{path}: no {ADAPTER_WEIGHTS}; was this checkpoint made by a full/freeze run?")
+            raise CheckpointError(f"{path}: no {ADAPTER_WEIGHTS_FILE}; was this checkpoint made by a full/freeze run?")
         device = next(trainable.model.parameters()).device
         try:
             set_peft_model_state_dict(trainable.lora, load_file(str(source), device=str(device)))
@@ -150,19 +144,3 @@ def _tied_names(model: torch.nn.Module) -> set[str]:
             tied |= {name, seen[p.data_ptr()]}
         seen.setdefault(p.data_ptr(), name)
     return tied
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(path: Path) -> None:
-    state = torch.load(path / RNG_NAME, map_location="cpu", weights_only=False)  # our own file: python/numpy state
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 
 import yaml
 
+from ..dtypes import DTYPE_NAMES
+from ..settings import ConfigError
+
 STAGES = ("sft", "pt")
 FINETUNING_TYPES = ("lora", "full", "freeze")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
@@ -21,23 +24,16 @@ EVAL_STRATEGIES = ("no", "steps", "epoch")
 SAVE_STRATEGIES = ("no", "steps", "epoch")
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit")
 QUANTIZATION_METHODS = ("auto", "bnb", "lorakit")
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
-
-
-class ConfigError(ValueError):
-    """A config with problems; `problems` lists every one of them."""
-
-    def __init__(self, problems: list[str]) -> None:
-        self.problems = list(problems)
-        if len(problems) == 1:
-            super().__init__(f"config: {problems[0]}")
-        else:
-            super().__init__(f"config has {len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems))
+COMPUTE_DTYPES = tuple(DTYPE_NAMES)
 
 
 @dataclass
 class TrainConfig:
     """Settings of one training run; see `config_help()` for the generated reference."""
+
+    UNSUPPORTED: typing.ClassVar[dict] = {  # beyond lorakit.settings.UNSUPPORTED_KEYS; other commands ignore it
+        "do_predict": (False, "prediction is not part of lorakit train; use lorakit eval"),
+    }
 
     # --- model
     model_name_or_path: str | None = None
@@ -125,18 +121,6 @@ class TrainConfig:
     group_by_length: bool = False
     """Batch examples of similar length together (batches still come in random order): less padding, less
     compute. No effect with packing."""
-    replay_dataset: str | None = None
-    """General data mixed into every epoch so the adapter keeps what the base model knew: any data set `dataset`
-    accepts (names in dataset_dir/dataset_info.json or files). With self_replay, only its prompts are used."""
-    replay_ratio: float = 0.0
-    """Share of each epoch's training examples that are replay rows, in [0, 1): round(n_task * r / (1 - r)) rows,
-    drawn once (seeded; the pool repeats when smaller) and shuffled in with the task rows every epoch. 0 is off."""
-    self_replay: bool = False
-    """Replay the base model's own greedy answers: to the prompts of replay_dataset, else to lorakit's shipped
-    general prompts (none of them a retention probe). Generated once before training, cached beside output_dir
-    (.lorakit-replay/)."""
-    self_replay_max_new_tokens: int = 64
-    """self_replay: longest generated answer in tokens; answers not finished by then are left out."""
 
     # --- output
     output_dir: str = "saves/lorakit"
@@ -292,14 +276,6 @@ def _value_problems(c) -> list[str]:
         (bool(_split(c.dataset)), "dataset is required: a registered name or a data file"),
         (c.cutoff_len >= 2, f"cutoff_len must be at least 2, got {c.cutoff_len}"),
         (c.max_samples is None or c.max_samples > 0, f"max_samples must be positive, got {c.max_samples}"),
-        (0 <= c.replay_ratio < 1, f"replay_ratio must be in [0, 1), got {c.replay_ratio}"),
-        (c.replay_ratio == 0 or c.replay_dataset or c.self_replay,
-         f"replay_ratio {c.replay_ratio} needs something to replay: replay_dataset or self_replay: true"),
-        (c.replay_ratio != 0 or not (c.replay_dataset or c.self_replay),
-         "replay_dataset / self_replay are set but replay_ratio is 0; give the share of replay rows, e.g. 0.3"),
-        (not (c.self_replay and c.stage == "pt"), "self_replay needs stage: sft (the base answers chat prompts)"),
-        (c.self_replay_max_new_tokens >= 1,
-         f"self_replay_max_new_tokens must be at least 1, got {c.self_replay_max_new_tokens}"),
         (c.val_size >= 0 and (c.val_size < 1 or float(c.val_size).is_integer()),
          f"val_size must be a fraction in [0, 1) or a whole number of examples, got {c.val_size}"),
         (bool(str(c.output_dir).strip()), "output_dir is empty"),

@@ -8,12 +8,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..dtypes import DTYPE_NAMES
 from ..lora import LoraConfig, LoraModel, get_lora_model
 from ..quant import EIGHT_BIT, describe, eight_bit_optimizer, quantize_model, quantized_layers
 from .config import TrainConfig
-
-DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-               "float16": torch.float16, "fp16": torch.float16}
 
 
 @dataclass

@@ -5,13 +5,15 @@ One optimizer step:
     micro-batches = the next gradient_accumulation_steps batches of this epoch (fewer at the epoch's end)
     N = label tokens in all of them
     for each micro-batch: loss_sum, _ = causal_lm_loss(...); (loss_sum / N).backward()
-        (on a CPU a micro-batch of more than CPU_SPLIT_ABOVE tokens goes through in pieces of rows)
+        (on a CPU a micro-batch of more than CPU_SPLIT_ABOVE tokens goes through in pieces of rows: cpu_levers.py)
     clip to max_grad_norm; lr = base_lr * schedule(step); AdamW step
 
-so the step's loss is the mean over its label tokens, whatever their split into micro-batches. The data order is
-a pure function of (seed, epoch), which is what lets a resumed run continue from the exact batch it stopped at.
-Ctrl-C finishes nothing half-way: the current step is dropped, a checkpoint of the last complete step is written,
-and the run ends (a second Ctrl-C aborts at once).
+so the step's loss is the mean over its label tokens, whatever their split into micro-batches. The run's position
+is one TrainerState (state.py) as of the last completed step: the data order is a pure function of (seed, epoch),
+and the random number generators are captured at each step boundary, before the step's first micro-batch, so a
+resumed run draws the same batches and the same dropout masks as an uninterrupted one. Ctrl-C finishes nothing
+half-way: the current step is dropped, a checkpoint of the last complete step is written (with the generators as
+they were before the dropped step), and the run ends (a second Ctrl-C aborts at once).
 """
 
 from __future__ import annotations
@@ -30,26 +32,23 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..adapters import TRAINING_ARGS
 from ..data import batch_order, collate_packed, pad_collate
-from ..device import autocast_dtype, pick_device, shape_bucket
+from ..device import autocast_dtype, pick_device
+from ..files import write_file
 from ..models import load_model
 from . import checkpoint as ckpt
 from .attention import NAME as PACKED_ATTENTION
-from .attention import use_packed_attention
 from .config import TrainConfig
+from .cpu_levers import CPU_PIECE_TOKENS, CPU_SPLIT_ABOVE, apply_model_levers, row_pieces, token_rounding
 from .loss import IGNORE_INDEX, causal_lm_loss, check_chunked_route, shifted_targets
 from .methods import Trainable, make_optimizer, make_trainable
-from .precision import store_frozen_base
 from .prepare import Data, clear_previous_run, preflight, prepare_data, steps_per_epoch
 from .report import MetricsLog, human, plot_loss
 from .schedule import get_lr, warmup_steps_for
-from .self_replay import build_replay
+from .state import Schedule, TrainerState, capture_rng
 
-CONFIG_NAME = "training_args.yaml"
-RESULTS_NAME = "train_results.json"
-
-
-CPU_SPLIT_ABOVE, CPU_PIECE_TOKENS = 1024, 512  # on a CPU, micro-batches above 1,024 tokens go in ~512-token pieces
+RESULTS_FILE = "train_results.json"  # written beside the adapter, with TRAINING_ARGS (training_args.yaml)
 
 
 def seed_everything(seed: int) -> None:
@@ -93,8 +92,7 @@ class Trainer:
         self.cfg, self.trainable, self.tokenizer, self.data = cfg, trainable, tokenizer, data
         self.model = trainable.model
         self.device, self.amp_dtype = device, amp_dtype
-        # on a CPU in bf16, token counts rounded up to a few sizes (see device.shape_bucket): few matmul shapes
-        self.round_width = shape_bucket(device, amp_dtype or next(self.model.parameters()).dtype)
+        self.round_width = token_rounding(device, amp_dtype or next(self.model.parameters()).dtype)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.optimizer = make_optimizer(trainable, cfg)
         self.scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
@@ -102,11 +100,16 @@ class Trainer:
         self._orders: dict[int, list[list[int]]] = {}
         self.n_batches = len(self.epoch_order(0))
         self.per_epoch = steps_per_epoch(self.n_batches, cfg.gradient_accumulation_steps)
-        self.total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * self.per_epoch)
-        self.warmup = warmup_steps_for(self.total, cfg.warmup_steps, cfg.warmup_ratio)
-        self.step, self.epoch, self.batch_index = 0, 0, 0  # the next step starts at (epoch, batch_index)
+        total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * self.per_epoch)
+        self.schedule = Schedule(
+            total_steps=total, warmup_steps=warmup_steps_for(total, cfg.warmup_steps, cfg.warmup_ratio),
+            lr_scheduler_type=cfg.lr_scheduler_type, learning_rate=cfg.learning_rate, max_steps=cfg.max_steps,
+            num_train_epochs=cfg.num_train_epochs, per_device_train_batch_size=cfg.per_device_train_batch_size,
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps, batches_per_epoch=self.n_batches,
+            seed=cfg.seed)
+        self.state = TrainerState(self.schedule)  # as of the last completed step
+        self.inside_step = False  # from a step's boundary until its optimizer step is done
         self.chunked = True
-        self.last: dict = {}  # latest logged metrics
         self.window = {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}  # since the last metrics line
         self.run_tokens, self.run_seconds, self.run_losses = 0, 0.0, []  # this process's steps
 
@@ -134,21 +137,27 @@ class Trainer:
         return on_device, sum(len(c["input_ids"]) for c in chunk), n_labels
 
     def next_group(self) -> list[list[int]]:
-        order = self.epoch_order(self.epoch)
-        end = min(self.batch_index + self.cfg.gradient_accumulation_steps, len(order))
-        return order[self.batch_index:end]
+        order, start = self.epoch_order(self.state.epoch), self.state.batch_in_epoch
+        return order[start:min(start + self.cfg.gradient_accumulation_steps, len(order))]
 
-    def advance(self, n_micro: int) -> bool:
-        """Move the data position past a finished step; True when that step ended an epoch."""
-        self.batch_index += n_micro
-        if self.batch_index >= self.n_batches:
-            self.epoch, self.batch_index = self.epoch + 1, 0
+    def complete_step(self, group: list[list[int]]) -> bool:
+        """Count a finished step and move the data position past its micro-batches; True when it ended an epoch."""
+        s = self.state
+        s.step, s.batch_in_epoch = s.step + 1, s.batch_in_epoch + len(group)
+        s.examples_consumed += sum(len(indices) for indices in group)
+        if s.batch_in_epoch >= self.n_batches:
+            s.epoch, s.batch_in_epoch = s.epoch + 1, 0
             return True
         return False
 
     @property
+    def step(self) -> int:
+        """Optimizer steps completed."""
+        return self.state.step
+
+    @property
     def epoch_float(self) -> float:
-        return self.epoch + self.batch_index / self.n_batches
+        return self.state.epoch_float()
 
     # --- one step ----------------------------------------------------------------------------------------------
     def autocast(self):
@@ -157,11 +166,16 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def train_step(self, interrupt: Interrupt) -> dict | None:
-        """One optimizer step; None when interrupted before it completed (its gradients are dropped)."""
-        lr_scale = get_lr(self.step, 1.0, self.total, self.warmup, self.cfg.lr_scheduler_type)
+        """One optimizer step; None when interrupted before it completed (its gradients are dropped, and the state
+        stays that of the last completed step, generators included)."""
+        self.state.rng = capture_rng()  # the step boundary: nothing of this step has drawn a random number yet
+        self.inside_step = True
+        sched = self.schedule
+        lr_scale = get_lr(self.step, 1.0, sched.total_steps, sched.warmup_steps, sched.lr_scheduler_type)
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * lr_scale
-        batches = [self.collate(ix) for ix in self.next_group()]
+        indices = self.next_group()
+        batches = [self.collate(ix) for ix in indices]
         n_labels = max(sum(n for _, _, n in batches), 1)  # the step's loss is the mean over all these tokens
         loss_sum = torch.zeros((), device=self.device)
         for batch, _, _ in batches:
@@ -181,32 +195,15 @@ class Trainer:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        ended_epoch = self.advance(len(batches))
+        ended_epoch = self.complete_step(indices)
+        self.inside_step = False
         return {"loss": float(loss_sum) / n_labels, "lr": self.cfg.learning_rate * lr_scale, "grad_norm": grad_norm,
                 "tokens": sum(n for _, n, _ in batches), "ended_epoch": ended_epoch}
 
     def pieces(self, batch: dict) -> list[dict]:
-        """The micro-batch as one forward pass, or on a CPU, when it holds more than `CPU_SPLIT_ABOVE` tokens,
-        as consecutive rows in balanced pieces of about `CPU_PIECE_TOKENS` tokens, padding columns that no row of
-        a piece uses trimmed off. The gradient is the same sum over the same label tokens (the loss is summed,
-        then divided by the step's label count). Measured (SmolLM2-135M, bf16, 2 cores): 8 packed rows of 512
-        tokens trained at 202 tokens/s in one pass, 250 in pieces of 1,024 and 304 row by row; a batch of short
-        examples (~600 tokens) was fastest in one pass."""
-        rows, width = batch["input_ids"].shape
-        if self.device.type != "cpu" or rows * width <= CPU_SPLIT_ABOVE or rows == 1:
-            return [batch]
-        n_pieces = min(rows, math.ceil(rows * width / CPU_PIECE_TOKENS))
-        per_piece = math.ceil(rows / n_pieces)
-        out = []
-        for start in range(0, rows, per_piece):
-            piece = {k: v[start:start + per_piece] for k, v in batch.items()}
-            if "attention_mask" in piece:  # right padding: drop the columns past this piece's longest row
-                used = int(piece["attention_mask"].sum(dim=1).max())
-                used = self.round_width(used) if self.round_width else used
-                piece = {k: v[:, :max(used, 1)] for k, v in piece.items()}
-            out.append(piece)
-        return out
+        """The forward passes the micro-batch runs as (`cpu_levers.row_pieces`): itself, or on a CPU, pieces of
+        rows."""
+        return row_pieces(batch, self.device, self.round_width, CPU_SPLIT_ABOVE, CPU_PIECE_TOKENS)
 
     def clip(self) -> float:
         params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
@@ -233,39 +230,28 @@ class Trainer:
         return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
 
     # --- checkpoints -------------------------------------------------------------------------------------------
-    def state(self) -> dict:
-        return {"global_step": self.step, "epoch": self.epoch_float, "epoch_index": self.epoch,
-                "batch_in_epoch": self.batch_index, "max_steps": self.total, "batches_per_epoch": self.n_batches,
-                "train_batch_size": self.cfg.per_device_train_batch_size,
-                "gradient_accumulation_steps": self.cfg.gradient_accumulation_steps, "seed": self.cfg.seed,
-                "last_metrics": self.last}
-
     def save_checkpoint(self) -> Path:
-        schedule = {"step": self.step, "total_steps": self.total, "warmup_steps": self.warmup,
-                    "lr_scheduler_type": self.cfg.lr_scheduler_type}
-        return ckpt.save_checkpoint(self.cfg.output_dir, self.trainable, self.optimizer, self.scaler, schedule,
-                                    self.state(), self.cfg.save_total_limit)
+        """checkpoint-STEP of the last completed step. Between steps the generators are captured as they stand
+        now; after a dropped step the state keeps those of that step's boundary."""
+        if not self.inside_step:
+            self.state.rng = capture_rng()
+        return ckpt.save_checkpoint(self.cfg.output_dir, self.trainable, self.optimizer, self.scaler, self.state,
+                                    self.cfg.save_total_limit)
 
     def resume(self, path: Path) -> None:
-        state = ckpt.load_checkpoint(path, self.trainable, self.optimizer, self.scaler)
-        for key in ("batches_per_epoch", "train_batch_size", "gradient_accumulation_steps", "seed"):
-            mine = self.n_batches if key == "batches_per_epoch" else self.state()[key]
-            if state.get(key, mine) != mine:
-                raise ckpt.CheckpointError(f"{path}: {key} was {state[key]} in that run, {mine} now; resuming "
-                                           "needs the same data and batch settings")
-        self.step, self.epoch, self.batch_index = state["global_step"], state["epoch_index"], state["batch_in_epoch"]
-        self.last = state.get("last_metrics", {})
-        ckpt.restore_rng(path)  # last: nothing after this may draw random numbers before training resumes
+        """Continue from checkpoint `path`; CheckpointError (one line) when its schedule is not this run's."""
+        self.state = ckpt.load_checkpoint(path, self.trainable, self.optimizer, self.scaler, self.schedule)
+        self.state.restore_rng()  # last: nothing after this may draw random numbers before training resumes
 
     # --- the loop ----------------------------------------------------------------------------------------------
     def run(self, log: MetricsLog, on_step=None) -> str:
         """Train up to the last step: "completed", or "interrupted" (after saving a checkpoint)."""
-        bar = tqdm(total=self.total, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+        bar = tqdm(total=self.schedule.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                    file=sys.stderr, mininterval=0.5)
         status = "completed"
         with Interrupt() as interrupt:
             try:
-                while self.step < self.total and not interrupt.requested:
+                while self.step < self.schedule.total_steps and not interrupt.requested:
                     t0 = time.perf_counter()
                     out = self.train_step(interrupt)
                     if out is None:
@@ -304,19 +290,19 @@ class Trainer:
         cfg, w = self.cfg, self.window
         w["loss"], w["steps"] = w["loss"] + out["loss"], w["steps"] + 1
         w["tokens"], w["seconds"] = w["tokens"] + out["tokens"], w["seconds"] + out["seconds"]
-        if self.step % cfg.logging_steps == 0 or self.step == self.total:
+        last_step = self.step == self.schedule.total_steps
+        if self.step % cfg.logging_steps == 0 or last_step:
             record = {"step": self.step, "epoch": round(self.epoch_float, 4), "loss": round(w["loss"] / w["steps"], 6),
                       "lr": out["lr"], "grad_norm": round(out["grad_norm"], 6),
                       "tokens_per_second": round(w["tokens"] / max(w["seconds"], 1e-9), 1)}
             log.write(record)
-            self.last.update(record)
+            self.state.last_metrics.update(record)
             self.window = {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}
         by_steps = cfg.eval_strategy == "steps" and self.step % cfg.eval_steps == 0
-        if self.data.val and (by_steps or (cfg.eval_strategy == "epoch" and out["ended_epoch"])
-                              or self.step == self.total):
+        if self.data.val and (by_steps or (cfg.eval_strategy == "epoch" and out["ended_epoch"]) or last_step):
             metrics = self.evaluate()
             log.write({"step": self.step, "epoch": round(self.epoch_float, 4), **metrics})
-            self.last.update(metrics)
+            self.state.last_metrics.update(metrics)
             say(f"step {self.step}: eval_loss {metrics['eval_loss']:.4f}, perplexity {metrics['eval_perplexity']:.2f}")
         if (cfg.save_strategy == "steps" and self.step % cfg.save_steps == 0) or (
                 cfg.save_strategy == "epoch" and out["ended_epoch"]):
@@ -358,28 +344,24 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
     amp_dtype = pick_precision(device, cfg)
     say(f"lorakit train: loading {plan.model_path} ...")
     model, tokenizer, _ = load_model(cfg.model_name_or_path, dtype="float32", device=device)
-    replay = build_replay(cfg, plan.replay, model, tokenizer, plan.model_path, amp_dtype)  # before any LoRA
-    data = prepare_data(cfg, plan.records, tokenizer, replay)
+    data = prepare_data(cfg, plan.records, tokenizer)
     seed_everything(cfg.seed)
     trainable = make_trainable(model, cfg)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model.config.use_cache = False
     model.train()
-    if data.packed:
-        use_packed_attention(model)  # attention per example inside a packed row, not over the whole row
     trainer = Trainer(cfg, trainable, tokenizer, data, device, amp_dtype)
     reason = check_chunked_route(model, trainer.collate(trainer.epoch_order(0)[0])[0])
     trainer.chunked = reason is None
-    if amp_dtype is not None and trainable.lora is not None:
-        store_frozen_base(model, amp_dtype)  # after the fp32 check above: from here on every forward is autocast
+    apply_model_levers(model, amp_dtype, packed=data.packed, lora=trainable.lora is not None)  # after the fp32 check
     if plan.resume:
         trainer.resume(plan.resume)
     out = Path(cfg.output_dir)
     if cfg.overwrite_output_dir and not plan.resume:
         clear_previous_run(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG_NAME).write_text(cfg.to_yaml())
+    write_file(out / TRAINING_ARGS, cfg.to_yaml())
     log = MetricsLog(out, resume_step=trainer.step if plan.resume else None)
     describe_run(trainer, model, reason, plan.resume)
     status = trainer.run(log, on_step)
@@ -402,11 +384,12 @@ def describe_run(trainer: Trainer, model, loss_reason: str | None, resume: Path 
     attention = "per example in packed rows (SDPA)" if attention == PACKED_ATTENTION else attention
     say(f"precision: {precision}; loss: {loss}; attention: {attention}; gradient checkpointing: {checkpointing}")
     epochs = f"{cfg.num_train_epochs:g} epochs x " if cfg.max_steps <= 0 else "max_steps; "
-    say(f"steps: {trainer.total} = {epochs}{trainer.per_epoch} steps/epoch ({trainer.n_batches} batches of "
-        f"{cfg.per_device_train_batch_size}, accumulation {cfg.gradient_accumulation_steps}); warmup "
-        f"{trainer.warmup}; lr {cfg.learning_rate:g} {cfg.lr_scheduler_type}")
+    say(f"steps: {trainer.schedule.total_steps} = {epochs}{trainer.per_epoch} steps/epoch ({trainer.n_batches} "
+        f"batches of {cfg.per_device_train_batch_size}, accumulation {cfg.gradient_accumulation_steps}); warmup "
+        f"{trainer.schedule.warmup_steps}; lr {cfg.learning_rate:g} {cfg.lr_scheduler_type}")
     if resume:
-        say(f"resuming from {resume} at step {trainer.step} (epoch {trainer.epoch_float:.2f})")
+        say(f"resuming from {resume} at step {trainer.step} (epoch {trainer.epoch_float:.2f}, "
+            f"{trainer.state.examples_consumed} {'rows' if trainer.data.packed else 'examples'} consumed)")
     say(f"output: {cfg.output_dir}")
 
 
@@ -420,9 +403,8 @@ def finish(trainer: Trainer, out: Path) -> dict:
                "train_runtime": round(trainer.run_seconds, 3),
                "train_steps_per_second": round(len(trainer.run_losses) / seconds, 4),
                "train_tokens_per_second": round(trainer.run_tokens / seconds, 1)}
-    results.update({k: v for k, v in trainer.last.items() if k.startswith("eval_")})
-    (out / RESULTS_NAME).write_text(json.dumps(results, indent=2) + "\n")
-    (out / ckpt.STATE_NAME).write_text(json.dumps(trainer.state(), indent=2) + "\n")
+    results.update({k: v for k, v in trainer.state.last_metrics.items() if k.startswith("eval_")})
+    write_file(out / RESULTS_FILE, json.dumps(results, indent=2) + "\n")
     plots = plot_loss(out) if trainer.cfg.plot_loss else []
     what = "adapter" if trainer.trainable.lora is not None else "model"
     loss = f", train loss {results['train_loss']:.4f}" if results["train_loss"] is not None else ""
