@@ -26,9 +26,7 @@ its B multiplied by s * r / alpha_gguf, so that alpha_gguf / r * B A = s B A for
 from __future__ import annotations
 
 import math
-import os
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..files import staged_file
 from ..lora import LoraConfig
 from ..lora.io import BASE_PREFIX, read_adapter
 from .gguf_vocab import add_tokenizer
@@ -226,19 +225,15 @@ def _write(writer: gguf.GGUFWriter, entries: list[_Entry], path: Path) -> int:
     """Header, metadata and tensors into a temporary sibling, renamed into place; one tensor in memory at a time."""
     for e in entries:
         writer.add_tensor_info(e.name, tuple(e.tensor.shape), np.dtype(np.float32), e.nbytes(), raw_dtype=e.qtype)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part"
-    try:
-        writer.write_header_to_file(tmp)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for e in entries:
-            writer.write_tensor_data(e.encode())
-        writer.close()
-        os.replace(tmp, path)
-    finally:
-        writer.close()
-        tmp.unlink(missing_ok=True)
+    with staged_file(path) as tmp:
+        try:
+            writer.write_header_to_file(tmp)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for e in entries:
+                writer.write_tensor_data(e.encode())
+        finally:
+            writer.close()
     return path.stat().st_size
 
 

@@ -1,13 +1,14 @@
 """Writing an export directory all at once: files go into a hidden temporary sibling, which is renamed into place
-only when everything was written, so an interrupted or failed export leaves nothing half-written behind."""
+only when everything was written (`lorakit.files.staged_directory`), so an interrupted or failed export leaves
+nothing half-written behind."""
 
 from __future__ import annotations
 
 import contextlib
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from .. import files
 
 
 def check_destination(directory: str | Path, overwrite: bool) -> Path:
@@ -24,13 +25,5 @@ def check_destination(directory: str | Path, overwrite: bool) -> Path:
 @contextlib.contextmanager
 def staged_directory(directory: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of `directory` to write into; on success it replaces `directory`."""
-    directory = check_destination(directory, overwrite)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with files.staged_directory(check_destination(directory, overwrite)) as tmp:
         yield tmp
-        if directory.exists():
-            shutil.rmtree(directory)
-        tmp.rename(directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
