@@ -71,6 +71,17 @@ def test_cli_run_writes_everything_and_loss_falls(tiny, capsys):
     assert config["r"] == 8 and config["lora_alpha"] == 16 and config["base_model_name_or_path"] == tiny["model"]
 
 
+def test_llama_factory_shell_flags_train(tiny, capsys):
+    """`llamafactory-cli train --model_name_or_path M --do_train ... --plot_loss` as its example scripts write it."""
+    out = tiny["root"] / "flags"
+    rc = main(["train", "--model_name_or_path", tiny["model"], "--do_train", "--dataset", tiny["data"],
+               "--lora_target", "all", "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size",
+               "4", "--learning_rate=1e-2", "--logging_steps", "1", "--plot_loss", "--overwrite_output_dir",
+               "--overwrite_cache"])
+    assert rc == 0 and "ignoring keys that change nothing here: overwrite_cache" in capsys.readouterr().err
+    assert (out / "adapter_model.safetensors").is_file() and (out / "training_loss.png").is_file()
+
+
 def test_adapter_loads_in_peft(tiny):
     """The real peft package is the oracle for the file format of the trained adapter."""
     from peft import PeftModel
