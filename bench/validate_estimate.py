@@ -1,0 +1,180 @@
+"""`lorakit estimate` against measured training runs: predicted peak memory vs the measured peak RSS of real
+`lorakit train` processes on this machine, plus the process's fixed cost (python + torch + transformers).
+
+Each row is one `python -m lorakit train ... max_steps=N` process on the embedded default model (SmolLM2-135M)
+over a synthetic alpaca file whose every example is longer than the largest cutoff_len (so every micro-batch is
+batch x cutoff_len tokens and the worst batch is every batch). Its peak RSS is the child's own `ru_maxrss`
+(os.wait4). The prediction is `lorakit.estimate.estimate()` for the same keys, made from the model's config on the
+meta device. Rows are measured once and kept in bench/results/estimate.json; `--compare` only re-predicts.
+
+    python bench/validate_estimate.py [--only NAME,NAME] [--compare] [--steps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import common
+
+NAME = "estimate"
+RESULT = common.RESULTS_DIR / f"{NAME}.json"
+TOLERANCE = 0.15  # |predicted / measured - 1| a row must stay within
+BASE = {"per_device_train_batch_size": 2, "lora_rank": 8, "learning_rate": 1e-4, "save_steps": 100000,
+        "logging_steps": 1, "report_to": "none"}
+ROWS = [  # name, keys on top of BASE
+    ("lora-fp32-c256", {"finetuning_type": "lora", "cutoff_len": 256}),
+    ("lora-fp32-c512", {"finetuning_type": "lora", "cutoff_len": 512}),
+    ("lora-r64-fp32-c512", {"finetuning_type": "lora", "cutoff_len": 512, "lora_rank": 64}),
+    ("lora-bf16-c512", {"finetuning_type": "lora", "cutoff_len": 512, "bf16": True}),
+    ("lora-fp32-c512-gc", {"finetuning_type": "lora", "cutoff_len": 512, "gradient_checkpointing": True}),
+    ("lora-bf16-c1024-b1-gc", {"finetuning_type": "lora", "cutoff_len": 1024, "per_device_train_batch_size": 1,
+                               "bf16": True, "gradient_checkpointing": True}),
+    ("qlora-fp32-c512", {"finetuning_type": "qlora", "cutoff_len": 512}),
+    ("qlora-bf16-c512", {"finetuning_type": "qlora", "cutoff_len": 512, "bf16": True}),
+    ("full-fp32-c256", {"finetuning_type": "full", "cutoff_len": 256}),
+    ("full-bf16-c256", {"finetuning_type": "full", "cutoff_len": 256, "bf16": True}),
+    ("freeze-fp32-c512", {"finetuning_type": "freeze", "cutoff_len": 512}),
+    ("lora-fp32-c512-b4", {"finetuning_type": "lora", "cutoff_len": 512, "per_device_train_batch_size": 4}),
+]
+WORDS = ("the ship reports depth sonar hull buoy current tide vessel signal marine instrument calibrate sensor "
+         "harbour engineer captain survey chart anchor deck pressure salinity wave compass station").split()
+
+
+def long_records(path: Path, n: int = 24, words: int = 1400, seed: int = 0) -> Path:
+    """`n` alpaca records whose outputs are `words` words long (more tokens than any cutoff_len used here)."""
+    rng = random.Random(seed)
+    records = [{"instruction": f"Write survey log number {i}.", "input": "",
+                "output": " ".join(rng.choice(WORDS) for _ in range(words))} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def row_keys(keys: dict, data: Path, out: Path, steps: int) -> dict:
+    return {**BASE, **keys, "dataset": str(data), "output_dir": str(out), "max_steps": steps,
+            "overwrite_output_dir": True}
+
+
+def measure_row(keys: dict) -> dict:
+    """Run `lorakit train` with `keys` in a child process; its peak RSS (MB) and wall time."""
+    cmd = [sys.executable, "-m", "lorakit", "train"] + [f"{k}={json.dumps(v) if isinstance(v, bool) else v}"
+                                                       for k, v in keys.items()]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    start = time.perf_counter()
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=log, cwd=common.ROOT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        log.seek(0)
+        tail = log.read().decode(errors="replace").strip().splitlines()[-3:]
+    seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        return {"error": " | ".join(tail)}
+    results = json.loads((Path(keys["output_dir"]) / "train_results.json").read_text())
+    return {"peak_rss_mb": usage.ru_maxrss / 1024, "seconds": round(seconds, 1),
+            "tokens_per_s": results.get("train_tokens_per_second")}
+
+
+def fixed_cost_mb() -> float:
+    """Resident MB of a fresh python after importing torch, transformers' Llama and lorakit's trainer."""
+    code = ("import torch, transformers\nfrom transformers import LlamaForCausalLM\nimport lorakit.train\n"
+            "print([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=common.ROOT, check=True)
+    return int(out.stdout.strip().splitlines()[-1]) / 1024
+
+
+def predict(keys: dict) -> dict:
+    from lorakit.estimate import estimate_for_keys
+
+    est = estimate_for_keys(keys, device="cpu")
+    return {"predicted_mb": est.peak_bytes / 2**20, "parts_mb": {k: v / 2**20 for k, v in est.parts.items()},
+            "predicted_tokens_per_s": est.tokens_per_s}
+
+
+def render(rows: list[dict], machine: dict, fixed: dict) -> str:
+    lines = ["| run | method | precision | cutoff x batch | r | checkpointing | predicted MB | measured peak RSS MB "
+             "| error | predicted tokens/s | measured tokens/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        k = r["keys"]
+        if "error" in r:
+            lines.append(f"| {r['name']} | failed: {r['error']} |||||||||")
+            continue
+        err = r["predicted_mb"] / r["peak_rss_mb"] - 1
+        lines.append(f"| {r['name']} | {k['finetuning_type']} | {'bf16' if k.get('bf16') else 'fp32'} | "
+                     f"{k['cutoff_len']} x {k['per_device_train_batch_size']} | {k.get('lora_rank', 8)} | "
+                     f"{'on' if k.get('gradient_checkpointing') else 'off'} | {r['predicted_mb']:,.0f} | "
+                     f"{r['peak_rss_mb']:,.0f} | {100 * err:+.1f}% | {r['predicted_tokens_per_s']:,.0f} | "
+                     f"{r['tokens_per_s']:,.0f} |")
+    lines.append("")
+    lines.append(f"Fixed process cost (python + torch + transformers' Llama + lorakit.train imported): measured "
+                 f"{fixed['measured_mb']:.0f} MB, the planner uses {fixed['planner_mb']:.0f} MB. Machine: "
+                 f"{common.describe_machine(machine)}.")
+    return "\n".join(lines)
+
+
+def measure(names: set[str], steps: int, saved: dict) -> dict:
+    """Measure the rows in `names` (and any row never measured); saved after each row, so a stop loses little."""
+    measured = {r["name"]: r for r in saved.get("rows", [])}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = long_records(Path(tmp) / "long.jsonl")
+        for name, extra in ROWS:
+            if name not in names and name in measured:
+                continue
+            print(f"validate_estimate: {name} ...", file=sys.stderr, flush=True)
+            keys = row_keys(extra, data, Path(tmp) / name, steps)
+            measured[name] = {"name": name, "steps": steps, **measure_row(keys)}
+            print(f"validate_estimate: {name}: {measured[name]}", file=sys.stderr, flush=True)
+            saved = {**saved, "machine": common.machine(), "rows": [measured[n] for n, _ in ROWS if n in measured]}
+            RESULT.parent.mkdir(parents=True, exist_ok=True)
+            RESULT.write_text(json.dumps(saved, indent=2) + "\n")
+    return saved
+
+
+def compare(saved: dict) -> dict:
+    """Predict every measured row; the table, the worst error and the fixed cost measured now."""
+    from lorakit.estimate.memory import CPU_PROCESS_BYTES
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        data = long_records(Path(tmp) / "long.jsonl")
+        extras = dict(ROWS)
+        for row in saved.get("rows", []):
+            keys = row_keys(extras[row["name"]], data, Path(tmp) / row["name"], row.get("steps", 3))
+            row = {k: v for k, v in row.items() if not k.startswith("predicted") and k != "parts_mb"}
+            row["keys"] = {k: v for k, v in keys.items() if k not in ("dataset", "output_dir")}
+            if "error" not in row:
+                row.update(predict(keys))
+            rows.append(row)
+    fixed = {"measured_mb": fixed_cost_mb(), "planner_mb": CPU_PROCESS_BYTES / 2**20}
+    ok = [r for r in rows if "error" not in r]
+    worst = max((abs(r["predicted_mb"] / r["peak_rss_mb"] - 1) for r in ok), default=None)
+    return {**saved, "tolerance": TOLERANCE, "worst_error": worst, "fixed_cost": fixed, "rows": rows,
+            "markdown": render(rows, saved["machine"], fixed)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", help="comma-separated row names to (re)measure; the others keep their measurement")
+    p.add_argument("--compare", action="store_true", help="no training: re-predict the saved measurements")
+    p.add_argument("--steps", type=int, default=3, help="optimizer steps per measured run")
+    args = p.parse_args(argv)
+    common.setup_path()
+    saved = json.loads(RESULT.read_text()) if RESULT.is_file() else {}
+    if not args.compare:
+        saved = measure(set(args.only.split(",")) if args.only else {n for n, _ in ROWS}, args.steps, saved)
+    result = compare(saved)
+    RESULT.write_text(json.dumps(result, indent=2) + "\n")
+    print(result["markdown"])
+    ok = [r for r in result["rows"] if "error" not in r]
+    return 0 if result["worst_error"] is not None and result["worst_error"] <= TOLERANCE and len(ok) == len(
+        result["rows"]) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
