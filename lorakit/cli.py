@@ -57,6 +57,12 @@ def run_merge(args: list[str]) -> int:
     return run(args)
 
 
+def run_estimate(args: list[str]) -> int:
+    from .commands.estimate import run_estimate as run
+
+    return run(args)
+
+
 def run_export(args: list[str]) -> int:
     from .commands.merge import run_merge as run
 
@@ -66,6 +72,8 @@ def run_export(args: list[str]) -> int:
 # Only subcommands that work are listed; each takes its raw arguments and returns an exit status.
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "train": (run_train, "train an adapter: lorakit train [CONFIG.yaml] [key=value ...] [--key value ...]"),
+    "estimate": (run_estimate, "peak memory, time, fit and advice before training: lorakit estimate "
+                               "[CONFIG.yaml] [key=value ...] [--device cpu|cuda|24GB|A100] [--json]"),
     "chat": (run_chat, "chat with a model and its adapters: lorakit chat [CONFIG.yaml] [--adapter DIR] [--prompt T]"),
     "eval": (run_eval, "score base and adapters side by side: lorakit eval --adapter DIR --dataset DATA"),
     "merge": (run_merge, "merge adapters into a standalone HF or GGUF model: lorakit merge --adapter DIR "
