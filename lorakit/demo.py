@@ -1,9 +1,12 @@
 """`make demo`: the whole loop on the embedded default model, in about ten minutes on a laptop CPU.
 
 1. ask SmolLM2-135M-Instruct the held-out questions of the demo knowledge base (demo/data/kb_heldout.json:
-   paraphrases that never appear in training) and score its greedy answers;
-2. train a LoRA adapter on demo/data/kb_train.json with demo/train.yaml (`lorakit train` does the same);
-3. ask again with the adapter, and print the before/after table, where the adapter went, and how to chat with it.
+   paraphrases that never appear in training) and lorakit's general probes (lorakit/data/retention_probes.json:
+   everyday facts, sums, words, instructions), and score its greedy answers;
+2. train a LoRA adapter on demo/data/kb_train.json with demo/train.yaml (`lorakit train` does the same), which
+   mixes in the base model's own answers to general prompts (self-replay) so the adapter keeps what it knew;
+3. ask both again with the adapter, and print the before/after table (KB score, retention, KL), a few answers,
+   where the adapter went, and how to chat with it.
 
 `python -m lorakit.demo [key=value ...]` overrides keys of demo/train.yaml (e.g. num_train_epochs=1).
 """
@@ -17,17 +20,20 @@ from pathlib import Path
 
 import torch
 
+from .chat import stop_token_ids
 from .data import get_template, load_records
 from .device import autocast_dtype, pick_device
 from .evaluate import evaluate_models, format_table, items_from_records
 from .lora import LoraModel
 from .models import load_model
+from .retention import ask, load_probes, retention_of
 from .train import load_config, train
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "demo" / "train.yaml"
 HELDOUT = "kb_heldout"
 SHOWN = 4  # example answers printed under the table
+GENERAL = "What is the capital of France?"  # the general question shown before and after (a retention probe)
 
 
 def say(text: str = "") -> None:
@@ -47,6 +53,18 @@ def score(model, tokenizer, items, names: list[str], template: str | None, bf16:
         return evaluate_models(model, tokenizer, names, items, max_new_tokens=40, batch_size=len(items), render=render)
 
 
+def probe_answers(model, tokenizer, probes, name: str, template: str | None, bf16: bool, base=None):
+    """The probes' greedy answers of `name`; with `base` (the base's answers), also its retention and KL."""
+    bound = get_template(template, tokenizer)
+    stop = stop_token_ids(tokenizer, model, bound.stop_words)
+    device = next(model.parameters()).device
+    amp = autocast_dtype(device, bf16, False)
+    with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        if base is None:
+            return ask(model, tokenizer, probes, name, bound.prompt_ids, stop, batch_size=len(probes))
+        return retention_of(model, tokenizer, name, base, probes, bound.prompt_ids, stop, batch_size=len(probes))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     started = time.perf_counter()
@@ -62,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer, _ = load_model(cfg.model_name_or_path, dtype="float32", device=pick_device(cfg.device))
     before = score(model, tokenizer, items, ["__base__"], cfg.template, cfg.bf16)[0]
     say(f"      contains the right fact: {before['contains']:.0%} ({before['seconds']:.0f} s)")
+    start, probes = time.perf_counter(), load_probes()
+    base_probes = probe_answers(model, tokenizer, probes, "__base__", cfg.template, cfg.bf16)
+    say(f"      and {len(probes)} general probes (facts, sums, words, instructions): {sum(base_probes.right)} right "
+        f"({time.perf_counter() - start:.0f} s)")
 
     say(f"\n[2/3] training a LoRA adapter: lorakit train {CONFIG.relative_to(ROOT)} " + " ".join(argv))
     results = train(cfg)
@@ -72,26 +94,40 @@ def main(argv: list[str] | None = None) -> int:
     say("\n[3/3] the same questions with the adapter")
     lora = LoraModel.from_pretrained(model, cfg.output_dir, adapter_name="demo")
     after = score(lora, tokenizer, items, ["demo"], cfg.template, cfg.bf16)[0]
+    kept, adapter_probes = probe_answers(lora, tokenizer, probes, "demo", cfg.template, cfg.bf16, base_probes)
+    after.update(kept)
     before["model"], after["model"] = "SmolLM2-135M-Instruct", f"+ adapter ({cfg.output_dir})"
-    report(items, before, after, results, cfg, time.perf_counter() - started)
+    general = [p.prompt for p in probes].index(GENERAL)
+    shown = (GENERAL, base_probes.texts[general], adapter_probes.texts[general])
+    report(items, before, after, results, cfg, time.perf_counter() - started, shown)
     return 0
 
 
-def report(items, before: dict, after: dict, results: dict, cfg, seconds: float) -> None:
-    say("\n" + format_table([before, after]))
+def report(items, before: dict, after: dict, results: dict, cfg, seconds: float, general: tuple) -> None:
+    columns = ("model", "n", "contains", "exact_match", "rouge_l", "retention", "kl")
+    say("\n" + format_table([{k: r[k] for k in columns if k in r} for r in (before, after)]))
+    say(f"retention: the adapter still answers {after['kept']} of the {after['base_right']} general probes the base "
+        f"answers right; kl: mean KL(base || adapter) per token of the base's answers")
     say("\nexamples (held-out question -> answer before | after):")
     for i in range(0, len(items), max(len(items) // SHOWN, 1))[:SHOWN]:
         say(f"  Q: {items[i].prompt[-1]['content']}")
         say(f"     before: {before['answers'][i][:100]}")
         say(f"     after:  {after['answers'][i][:100]}")
+    question, base_answer, adapter_answer = general
+    say("and a general question (a retention probe, nothing to do with Tarnwick):")
+    say(f"  Q: {question}")
+    say(f"     before: {base_answer[:100]}")
+    say(f"     after:  {adapter_answer[:100]}")
     summary = {"heldout_contains_before": before["contains"], "heldout_contains_after": after["contains"],
                "rouge_l_before": before["rouge_l"], "rouge_l_after": after["rouge_l"],
+               "retention": after["retention"], "retention_kept": after["kept"],
+               "retention_base_right": after["base_right"], "kl": after["kl"],
                "train_runtime_s": results.get("train_runtime"),
                "train_tokens_per_second": results.get("train_tokens_per_second"), "total_seconds": round(seconds, 1)}
     out = Path(cfg.output_dir)
     (out / "demo_results.json").write_text(json.dumps(summary, indent=2) + "\n")
     say(f"\nheld-out score (answer contains the fact): {before['contains']:.0%} -> {after['contains']:.0%}; "
-        f"demo took {seconds / 60:.1f} min")
+        f"retention {after['retention']:.0%}; demo took {seconds / 60:.1f} min")
     say(f"adapter (PEFT format): {out}/adapter_model.safetensors, with its config, tokenizer and loss curve")
     say(f"chat with it:          .venv/bin/lorakit chat --adapter {out}")
 

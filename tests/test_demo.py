@@ -10,6 +10,8 @@ from lorakit import demo
 def test_demo_runs_and_reports_before_and_after(tmp_path, capsys, monkeypatch):
     full = demo.held_out_items
     monkeypatch.setattr(demo, "held_out_items", lambda dataset_dir: full(dataset_dir)[:8])  # keep the test fast
+    probes = demo.load_probes()
+    monkeypatch.setattr(demo, "load_probes", lambda: probes[:8])
     model_dir = save_tiny_model(tmp_path / "base")
     out = tmp_path / "adapter"
     status = demo.main([f"model_name_or_path={model_dir}", f"output_dir={out}", "max_steps=2",
@@ -18,8 +20,11 @@ def test_demo_runs_and_reports_before_and_after(tmp_path, capsys, monkeypatch):
     printed = capsys.readouterr().out
     assert "held-out score (answer contains the fact)" in printed
     assert f"lorakit chat --adapter {out}" in printed
+    assert "| model | n | contains | exact_match | rouge_l | retention | kl |" in printed
+    assert f"  Q: {demo.GENERAL}\n     before: " in printed and "general probes the base answers right" in printed
     summary = json.loads((out / "demo_results.json").read_text())
     assert 0.0 <= summary["heldout_contains_after"] <= 1.0
+    assert summary["kl"] >= 0 and summary["retention_kept"] <= summary["retention_base_right"] <= 8
     assert (out / "adapter_model.safetensors").is_file() and (out / "training_args.yaml").is_file()
 
 
