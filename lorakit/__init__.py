@@ -1,6 +1,7 @@
 """lorakit: LoRA fine-tuning for causal language models, in the PEFT adapter format."""
 
 from .lora import (
+    AdaLoraConfig,
     LoraConfig,
     LoraGAConfig,
     LoraModel,
@@ -13,5 +14,5 @@ from .quant import dequantize_model, merge_dequantized, quantize_model
 
 __version__ = "0.1.0"
 
-__all__ = ["LoraConfig", "LoraGAConfig", "LoraModel", "gradient_factors", "get_lora_model", "get_peft_model_state_dict", "set_peft_model_state_dict",
+__all__ = ["AdaLoraConfig", "LoraConfig", "LoraGAConfig", "LoraModel", "gradient_factors", "get_lora_model", "get_peft_model_state_dict", "set_peft_model_state_dict",
            "quantize_model", "dequantize_model", "merge_dequantized"]

@@ -461,17 +461,17 @@ def test_the_no_grad_fast_path_applies_only_where_the_formula_has_no_other_term(
     x = torch.randn(3, 8)
     identity, dropout = nn.Identity(), nn.Dropout(0.1)
     with torch.no_grad():
-        assert fastpath.applies(base, x, a, identity, is_dora=False)
-        assert fastpath.applies(base, x, a, dropout.eval(), is_dora=False)
-        assert not fastpath.applies(base, x, a, dropout.train(), is_dora=False)
-        assert not fastpath.applies(base, x, a, identity, is_dora=True)
-        assert not fastpath.applies(base, x.bfloat16(), a, identity, is_dora=False)
-        assert not fastpath.applies(base.bfloat16(), x.bfloat16(), a, identity, is_dora=False)  # fp32 adapter
+        assert fastpath.applies(base, x, a, identity, variant=False)
+        assert fastpath.applies(base, x, a, dropout.eval(), variant=False)
+        assert not fastpath.applies(base, x, a, dropout.train(), variant=False)
+        assert not fastpath.applies(base, x, a, identity, variant=True)
+        assert not fastpath.applies(base, x.bfloat16(), a, identity, variant=False)
+        assert not fastpath.applies(base.bfloat16(), x.bfloat16(), a, identity, variant=False)  # fp32 adapter
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert not fastpath.applies(base.float(), x, a, identity, is_dora=False)
+            assert not fastpath.applies(base.float(), x, a, identity, variant=False)
 
         class Subclass(nn.Linear):
             pass
 
-        assert not fastpath.applies(Subclass(8, 4), x, a, identity, is_dora=False)  # e.g. a quantized linear
-    assert not fastpath.applies(base, x, a, identity, is_dora=False)  # gradients on
+        assert not fastpath.applies(Subclass(8, 4), x, a, identity, variant=False)  # e.g. a quantized linear
+    assert not fastpath.applies(base, x, a, identity, variant=False)  # gradients on

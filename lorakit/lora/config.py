@@ -13,7 +13,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 CONFIG_NAME = "adapter_config.json"
 BIAS_MODES = ("none", "all", "lora_only")
@@ -108,7 +108,26 @@ class LoraConfig:
     peft_type: str = "LORA"
     """Always "LORA"."""
 
+    PEFT_TYPE: ClassVar[str] = "LORA"
+
     def __post_init__(self) -> None:
+        problems = self._problems()
+        if isinstance(self.lora_ga_config, dict):
+            try:
+                self.lora_ga_config = LoraGAConfig(**self.lora_ga_config)
+            except (TypeError, ValueError) as exc:
+                problems.append(f"lora_ga_config: {exc}")
+        if self.init_lora_weights == "lora_ga" and self.lora_ga_config is None:
+            self.lora_ga_config = LoraGAConfig()
+        if problems:
+            raise ValueError(f"invalid {type(self).__name__}: " + "; ".join(problems))
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.layers_to_transform, int):
+            self.layers_to_transform = [self.layers_to_transform]
+
+    def _problems(self) -> list[str]:
+        """Every problem of the values, at once."""
         problems = []
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             problems.append(f"r must be a positive integer, got {self.r!r}")
@@ -122,28 +141,19 @@ class LoraConfig:
             problems.append(f"init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_N', 'olora' or "
                             f"'lora_ga', "
                             f"got {self.init_lora_weights!r}")
-        if self.peft_type != "LORA":
-            problems.append(f"peft_type must be 'LORA', got {self.peft_type!r}")
+        if self.peft_type != self.PEFT_TYPE:
+            problems.append(f"peft_type must be {self.PEFT_TYPE!r}, got {self.peft_type!r}")
         for name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
             if not isinstance(pattern, dict):
                 problems.append(f"{name} must be a mapping of module regex to value, got {pattern!r}")
-        problems += [f"rank_pattern[{k!r}] must be a positive integer, got {v!r}"
-                     for k, v in (self.rank_pattern or {}).items() if not isinstance(v, int) or v <= 0]
+        problems += self._rank_pattern_problems()
         if self.use_dora and isinstance(self.init_lora_weights, str) and self.init_lora_weights != "gaussian":
             problems.append(f"use_dora cannot be combined with init_lora_weights={self.init_lora_weights!r}")
-        if isinstance(self.lora_ga_config, dict):
-            try:
-                self.lora_ga_config = LoraGAConfig(**self.lora_ga_config)
-            except (TypeError, ValueError) as exc:
-                problems.append(f"lora_ga_config: {exc}")
-        if self.init_lora_weights == "lora_ga" and self.lora_ga_config is None:
-            self.lora_ga_config = LoraGAConfig()
-        if problems:
-            raise ValueError("invalid LoraConfig: " + "; ".join(problems))
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
-        if isinstance(self.layers_to_transform, int):
-            self.layers_to_transform = [self.layers_to_transform]
+        return problems
+
+    def _rank_pattern_problems(self) -> list[str]:
+        return [f"rank_pattern[{k!r}] must be a positive integer, got {v!r}"
+                for k, v in (self.rank_pattern or {}).items() if not isinstance(v, int) or v <= 0]
 
     def rank_for(self, module_name: str) -> int:
         """The rank of the module called `module_name` (rank_pattern wins over r)."""
@@ -176,9 +186,15 @@ class LoraConfig:
 
     @classmethod
     def from_peft_dict(cls, raw: dict[str, Any], source: str = "adapter config") -> "LoraConfig":
-        """Build from a PEFT adapter_config dict; unknown keys are dropped with one warning."""
-        if raw.get("peft_type", "LORA") != "LORA":
-            raise ValueError(f"{source}: peft_type is {raw.get('peft_type')!r}; lorakit reads LoRA adapters only")
+        """Build from a PEFT adapter_config dict (a LoRA or AdaLoRA one); unknown keys are dropped with one
+        warning."""
+        peft_type = raw.get("peft_type", cls.PEFT_TYPE)
+        if peft_type == "ADALORA" and cls.PEFT_TYPE != "ADALORA":
+            from .adalora import AdaLoraConfig
+
+            return AdaLoraConfig.from_peft_dict(raw, source)
+        if peft_type != cls.PEFT_TYPE:
+            raise ValueError(f"{source}: peft_type is {peft_type!r}; lorakit reads LoRA and AdaLoRA adapters only")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(k for k, v in raw.items() if k not in known and v not in (None, False, {}, [], ""))
         ignored_quietly = {"lora_bias", "loftq_config", "megatron_config", "megatron_core", "layer_replication",

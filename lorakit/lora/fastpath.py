@@ -4,7 +4,7 @@ Neither changes a number; both only save work. Their invariants (tests/test_fast
 
 1. `plain_inference` computes exactly the training formula  y = W0 x + b + scaling * B (A x)  at the dtype it runs
    in. It applies only where that formula has no other term: gradients off, a plain `nn.Linear` base (not Conv1D,
-   not quantized), a non-DoRA adapter, no dropout that would act (identity, or the module in eval mode), x, W0 and
+   not quantized), a plain adapter (not DoRA, not AdaLoRA), no dropout that would act (identity, or the module in eval mode), x, W0 and
    the adapter in one dtype, autocast off (`applies` says so).
 2. Nothing is cached between calls: the parameters are read at every call, so a weight changed in place,
    re-assigned, quantized or dequantized is seen at the next token.
@@ -24,9 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def applies(base: nn.Module, x: torch.Tensor, lora_a: torch.Tensor, dropout: nn.Module, is_dora: bool) -> bool:
-    """True when `plain_inference` gives the training formula's numbers for this call (invariant 1)."""
-    if torch.is_grad_enabled() or is_dora or type(base) is not nn.Linear:
+def applies(base: nn.Module, x: torch.Tensor, lora_a: torch.Tensor, dropout: nn.Module, variant: bool) -> bool:
+    """True when `plain_inference` gives the training formula's numbers for this call (invariant 1); `variant`:
+    the adapter has terms of its own (DoRA, AdaLoRA's E)."""
+    if torch.is_grad_enabled() or variant or type(base) is not nn.Linear:
         return False
     if torch.is_autocast_enabled(x.device.type):
         return False

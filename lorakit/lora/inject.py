@@ -141,15 +141,19 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str,
             raise ValueError(f"init_lora_weights='lora_ga' needs the gradient factors of every target layer "
                              f"(lorakit.lora.gradient_factors(model, config, batches), passed as lora_ga_factors=); "
                              f"missing for {', '.join(missing[:3])}")
+    svd = config.PEFT_TYPE == "ADALORA"
     for key in keys:
         module = model.get_submodule(key)
+        if svd and isinstance(module, (nn.Embedding, LoraEmbedding)):
+            raise ValueError(f"AdaLoRA adapts linear layers only; '{key}' is an embedding")
         if not isinstance(module, LoraLayer):
             module = LoraEmbedding(module) if isinstance(module, nn.Embedding) else LoraLinear(module)
             set_submodule(model, key, module)
         module.add_adapter(adapter_name, r=config.rank_for(key), lora_alpha=config.alpha_for(key),
                            lora_dropout=config.lora_dropout, init=config.init_lora_weights,
                            use_rslora=config.use_rslora, use_dora=config.use_dora,
-                           init_factors=(init_factors or {}).get(key), lora_ga_config=config.lora_ga_config)
+                           init_factors=(init_factors or {}).get(key), lora_ga_config=config.lora_ga_config,
+                           **({"svd": True, "scaling": config.scaling_for(key)} if svd else {}))
     for key in _modules_to_save_keys(model, config):
         module = model.get_submodule(key)
         if not isinstance(module, ModulesToSave):

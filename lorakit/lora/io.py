@@ -3,6 +3,7 @@
 File keys are the in-memory names with the adapter name dropped, prefixed with `base_model.model.`:
     model.layers.0.self_attn.q_proj.lora_A.default.weight  ->  base_model.model.model.layers.0...q_proj.lora_A.weight
     ...q_proj.lora_magnitude_vector.default.weight         ->  ...q_proj.lora_magnitude_vector
+    AdaLoRA: ...q_proj.lora_A / lora_B / lora_E (PEFT's keys), only the triplets its rank_pattern keeps
     lm_head.modules_to_save.default.weight                  ->  base_model.model.lm_head.weight
 """
 
@@ -27,7 +28,11 @@ def adapter_tensors(model: nn.Module, adapter_name: str, bias: str) -> dict[str,
     """File key -> live tensor (parameter data) for adapter `adapter_name` of the HF `model`."""
     out: dict[str, torch.Tensor] = {}
     for key, module in model.named_modules():
-        if isinstance(module, LoraLinear) and adapter_name in module.lora_A:
+        if isinstance(module, LoraLinear) and adapter_name in module.lora_E:  # AdaLoRA: PEFT's keys have no .weight
+            out[f"{BASE_PREFIX}{key}.lora_A"] = module.lora_A[adapter_name].weight
+            out[f"{BASE_PREFIX}{key}.lora_B"] = module.lora_B[adapter_name].weight
+            out[f"{BASE_PREFIX}{key}.lora_E"] = module.lora_E[adapter_name]
+        elif isinstance(module, LoraLinear) and adapter_name in module.lora_A:
             out[f"{BASE_PREFIX}{key}.lora_A.weight"] = module.lora_A[adapter_name].weight
             out[f"{BASE_PREFIX}{key}.lora_B.weight"] = module.lora_B[adapter_name].weight
         elif isinstance(module, LoraEmbedding) and adapter_name in module.lora_embedding_A:

@@ -125,10 +125,13 @@ class LoraLayer(nn.Module):
     def merged(self) -> bool:
         return bool(self.merge_records)
 
-    def _set_scalars(self, name: str, r: int, lora_alpha: float, use_rslora: bool, dropout: float) -> None:
+    def _set_scalars(self, name: str, r: int, lora_alpha: float, use_rslora: bool, dropout: float,
+                     scaling: float | None = None) -> None:
         self.r[name] = r
         self.lora_alpha[name] = lora_alpha
-        self.scaling[name] = lora_alpha / (r**0.5) if use_rslora else lora_alpha / r
+        if scaling is None:
+            scaling = lora_alpha / (r**0.5) if use_rslora else lora_alpha / r
+        self.scaling[name] = scaling  # given by the config for AdaLoRA: lora_alpha / init_r
         # nn.Identity when p = 0: no copy of x and no random mask on the hot path
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
@@ -211,19 +214,29 @@ class LoraLinear(LoraLayer):
             self.in_features, self.out_features = shape[in_dim], shape[1 - in_dim]
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
+        self.lora_E = nn.ParameterDict()  # AdaLoRA: adapter -> (r, 1), y = W0 x + s B (E * (A x))
 
     def adapter_names(self) -> list[str]:
         return list(self.lora_A.keys())
 
     def add_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0, init: bool | str = True,
-                    use_rslora: bool = False, use_dora: bool = False, init_factors=None, lora_ga_config=None) -> None:
-        """Create adapter `name` and make it active (`init_factors`, `lora_ga_config`: init "lora_ga" only)."""
-        self._set_scalars(name, r, lora_alpha, use_rslora, lora_dropout)
+                    use_rslora: bool = False, use_dora: bool = False, init_factors=None, lora_ga_config=None,
+                    svd: bool = False, scaling: float | None = None) -> None:
+        """Create adapter `name` and make it active (`init_factors`, `lora_ga_config`: init "lora_ga" only;
+        `svd`: AdaLoRA's form with a singular-value vector E, see adalora.py)."""
+        self._set_scalars(name, r, lora_alpha, use_rslora, lora_dropout, scaling)
         w = self.base_layer.weight
         dtype = adapter_dtype(w)
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=w.device, dtype=dtype)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=w.device, dtype=dtype)
-        if w.device.type != "meta":
+        if svd:
+            self.lora_E[name] = nn.Parameter(torch.randn(r, 1, device=w.device, dtype=dtype))
+            if init is not False and w.device.type != "meta":  # PEFT: E = 0, A and B normal(0, 0.02)
+                with torch.no_grad():
+                    self.lora_E[name].zero_()
+                    nn.init.normal_(self.lora_A[name].weight, std=0.02)
+                    nn.init.normal_(self.lora_B[name].weight, std=0.02)
+        elif w.device.type != "meta":
             self._initialise(name, init, init_factors, lora_ga_config)
         if use_dora:
             magnitude = nn.Module()
@@ -263,6 +276,12 @@ class LoraLinear(LoraLayer):
     def _drop_adapter_params(self, name: str) -> None:
         _discard(self.lora_A, name)
         _discard(self.lora_B, name)
+        _discard(self.lora_E, name)
+
+    def effective_a(self, name: str) -> torch.Tensor:
+        """A (r, in), or E * A for an AdaLoRA adapter: the factor that multiplies x."""
+        a = self.lora_A[name].weight
+        return a * self.lora_E[name] if name in self.lora_E else a
 
     def oriented_weight(self) -> torch.Tensor:
         """The base weight as (out, in), fp32 (dequantized for a quantized base)."""
@@ -273,7 +292,7 @@ class LoraLinear(LoraLayer):
 
     def oriented_delta(self, name: str) -> torch.Tensor:
         """scaling * B A as (out, in), fp32."""
-        a = self.lora_A[name].weight.float()  # (r, in)
+        a = self.effective_a(name).float()  # (r, in)
         b = self.lora_B[name].weight.float()  # (out, r)
         return (b @ a) * self.scaling[name]  # (out, in)
 
@@ -293,8 +312,9 @@ class LoraLinear(LoraLayer):
             return self.base_layer(x, *args, **kwargs)
         name = self.active_adapter
         lora_A, lora_B, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
-        is_dora = name in self.lora_magnitude_vector
-        if not args and not kwargs and fastpath.applies(self.base_layer, x, lora_A.weight, dropout, is_dora):
+        is_dora, is_svd = name in self.lora_magnitude_vector, name in self.lora_E
+        if not args and not kwargs and fastpath.applies(self.base_layer, x, lora_A.weight, dropout,
+                                                        variant=is_dora or is_svd):
             return fastpath.plain_inference(x, self.base_layer, lora_A.weight, lora_B.weight, self.scaling[name])
         device = x.device.type
         if torch.is_autocast_enabled(device) and type(self.base_layer) is nn.Linear:
@@ -305,7 +325,8 @@ class LoraLinear(LoraLayer):
         result = self.base_layer(x, *args, **kwargs)  # (..., out)
         if is_dora:
             return dora.forward(self, name, x_lora, result, reuse_base=isinstance(dropout, nn.Identity))
-        lora_out = lora_B(lora_A(x_lora) * self.scaling[name])  # (..., r) -> (..., out): scaling on r columns
+        scale = self.lora_E[name].view(-1) * self.scaling[name] if is_svd else self.scaling[name]  # (r,) or scalar
+        lora_out = lora_B(lora_A(x_lora) * scale)  # (..., r) -> (..., out): scaling on r columns
         return result + lora_out.to(result.dtype)
 
 

@@ -181,7 +181,8 @@ def build_stacks(layer: nn.Module, names: tuple[str, ...]) -> Stacks | None:
     for name in names:
         if name in a_table:
             pad = rank - layer.r[name]
-            a_rows.append(F.pad(_weight(a_table[name]), (0, 0, 0, pad)))  # (R, in)
+            a = layer.effective_a(name) if hasattr(layer, "effective_a") else _weight(a_table[name])  # AdaLoRA: E*A
+            a_rows.append(F.pad(a, (0, 0, 0, pad)))  # (R, in)
             b_rows.append(F.pad(_weight(b_table[name]) * layer.scaling[name], (0, pad)))  # (out, R)
         else:
             a_rows.append(ref_a.new_zeros(rank, ref_a.shape[1]))
@@ -208,8 +209,8 @@ def _dora_scale(layer: nn.Module, names: tuple[str, ...], out: int) -> torch.Ten
 def _versions(layer: nn.Module, names: tuple[str, ...]) -> tuple:
     """What the stacks of `layer` depend on: each adapter's factors (storage and in-place version) and scaling."""
     out = []
-    for table in tables_of(layer) + ("lora_magnitude_vector",):
-        params = getattr(layer, table)
+    for table in tables_of(layer) + ("lora_magnitude_vector", "lora_E"):
+        params = getattr(layer, table, {})
         for name in names:
             if name in params:
                 p = _weight(params[name])

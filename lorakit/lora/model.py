@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import combine, io, mixed
+from . import adalora, combine, io, mixed
+from .adalora import AdaLoraConfig
 from .config import LoraConfig
 from .inject import inject_adapter, lora_layers, resolve_targets, set_submodule, wrappers
 from .layers import LoraLayer, ModulesToSave
@@ -127,6 +128,9 @@ class LoraModel(nn.Module):
                              combination_type: str = "svd", svd_rank: int | None = None, density: float | None = None,
                              majority_sign_method: str = "total") -> None:
         """A new adapter from a weighted combination of loaded ones (PEFT's semantics; see lora/combine.py)."""
+        if any(isinstance(self.peft_config.get(a), AdaLoraConfig) for a in adapters):
+            raise ValueError("add_weighted_adapter does not combine AdaLoRA adapters (as in PEFT); pass them per row "
+                             "as adapter_names=[{name: weight}] or merge them one by one")
         combine.add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank, density,
                                      majority_sign_method)
 
@@ -270,6 +274,8 @@ class LoraModel(nn.Module):
         """(config, PEFT-keyed CPU tensors) of adapter `name` as save_pretrained writes it (PiSSA/OLoRA converted)."""
         config = self.peft_config[name]
         state = io.state_dict_for_save(self.model, name, config.bias)
+        if isinstance(config, AdaLoraConfig):  # PEFT's AdaLoRA files hold the kept triplets only
+            return dataclasses.replace(config, inference_mode=True), adalora.kept_triplets(state, config.rank_pattern)
         initial = self._initial_factors.get(name)
         if not initial:
             return dataclasses.replace(config, inference_mode=True), state
