@@ -154,7 +154,9 @@ def compare(saved: dict) -> dict:
     fixed = {"measured_mb": fixed_cost_mb(), "planner_mb": CPU_PROCESS_BYTES / 2**20}
     ok = [r for r in rows if "error" not in r]
     worst = max((abs(r["predicted_mb"] / r["peak_rss_mb"] - 1) for r in ok), default=None)
-    return {**saved, "tolerance": TOLERANCE, "worst_error": worst, "fixed_cost": fixed, "rows": rows,
+    from lorakit.estimate.memory import CPU_HEAP_FACTOR
+
+    return {**saved, "tolerance": TOLERANCE, "worst_error": worst, "fixed_cost": fixed, "heap_factor": CPU_HEAP_FACTOR, "rows": rows,
             "markdown": render(rows, saved["machine"], fixed)}
 
 

@@ -3,7 +3,7 @@ largest forward pass among them (the one that sets the activation peak).
 
 The data are read, templated, tokenised, truncated, split and packed by the trainer's own `prepare_data`; the
 batches are the trainer's epoch-0 order (`batch_order`, a pure function of the seed); on a CPU a batch above
-`CPU_SPLIT_ABOVE` tokens is cut into pieces of rows as `Trainer.pieces` does, and in bf16 on a CPU token counts are
+`CPU_SPLIT_ABOVE` tokens is cut into pieces of rows as `cpu_levers.row_pieces` does, and in bf16 on a CPU token counts are
 rounded up by the trainer's `shape_bucket`. Without a data set every micro-batch is assumed full:
 batch x cutoff_len tokens, all of them labels.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 from ..data import IGNORE_INDEX, batch_order, load_records
 from ..train.config import TrainConfig
 from ..train.prepare import prepare_data
-from ..train.trainer import CPU_PIECE_TOKENS, CPU_SPLIT_ABOVE
+from ..train.cpu_levers import CPU_PIECE_TOKENS, CPU_SPLIT_ABOVE
 from .memory import Workload
 
 
@@ -94,9 +94,11 @@ def pieces(lengths: list[int], bucket, cpu: bool) -> tuple[int, int]:
     return per_piece, bucket(longest) if bucket else longest
 
 
-def measure(cfg: TrainConfig, tokenizer, name: str) -> DataSize:
-    """Read, template, tokenise, truncate, split and pack the data as the trainer does (raises DataError)."""
-    records = load_records(cfg.dataset, cfg.dataset_dir, cfg.stage, cfg.max_samples)
+def measure(cfg: TrainConfig, tokenizer, name: str, records: list[dict] | None = None) -> DataSize:
+    """Read (unless `records` are given), template, tokenise, truncate, split and pack the data as the trainer
+    does (raises DataError)."""
+    if records is None:
+        records = load_records(cfg.dataset, cfg.dataset_dir, cfg.stage, cfg.max_samples)
     data = prepare_data(cfg, records, tokenizer)
     lengths = [len(it["input_ids"]) for it in data.items]
     labels = [sum(1 for x in it["labels"][1:] if x != IGNORE_INDEX) for it in data.items]

@@ -215,6 +215,6 @@ def memory(shape: ModelShape, cfg: TrainConfig, run: Training, work: Workload, a
     parts["activations"] = kept * (CPU_HEAP_FACTOR if device.kind == "cpu" else 1.0)
     parts["temporary"] = temporary_bytes(shape, run, work, amp, bucket)
     load = parts["process"] + 4 * shape.params
-    if amp and run.targets and not cfg.quantization_bit:  # the bf16 copies are made while the fp32 pages are held
-        load += 2 * sum(io[0] * io[1] for io in run.targets.values())
+    if amp and run.targets and not cfg.quantization_bit and device.kind == "cpu":
+        load += 2 * sum(io[0] * io[1] for io in run.targets.values())  # bf16 copies made while the fp32 pages stay
     return parts, load

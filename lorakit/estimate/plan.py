@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -145,6 +144,8 @@ def _plan(shape: ModelShape, model: nn.Module, cfg: TrainConfig, device: Device,
     if load > train_peak:
         notes.append(f"the peak is while loading: lorakit loads the base in fp32 on the device "
                      f"({load / 2**30:.1f} GiB) before it casts or quantizes it")
+    if load > device.memory_bytes:
+        notes.append("no training setting lowers that load peak: the fp32 base alone does not fit this device")
     seq = data.tokens / max(data.examples, 1) if data.packed else ep.computed_tokens / max(len(data.lengths), 1)
     per_token = flops.per_token(shape, cfg, run, seq)
     epoch_flops = flops.epoch_flops(shape, cfg, run, ep.computed_tokens, data.label_tokens, seq)
@@ -182,6 +183,22 @@ def estimate_for_keys(keys: dict, device: Device | str | None = None) -> Estimat
     return estimate(cfg, device)
 
 
-def with_changes(cfg: TrainConfig, keys: dict) -> TrainConfig:
-    """A copy of `cfg` with some keys changed (checked by TrainConfig again)."""
-    return dataclasses.replace(cfg, **keys)
+def train_summary(cfg: TrainConfig, records: list[dict], device: torch.device) -> list[str]:
+    """What `lorakit train` prints before the model loads: the estimate's one-line summary, and a warning when the
+    run will not fit. Advisory: a model or data set the estimate cannot read gives a line saying so, not an error
+    (the trainer reports its own errors)."""
+    from .report import gib, summary
+
+    try:
+        tokenizer, name = dataset.tokenizer_for(cfg.model_name_or_path)
+        data = dataset.measure(cfg, tokenizer, name, records)
+        result = estimate(cfg, find_device(device.type), data)
+    except (ValueError, OSError, RuntimeError) as exc:
+        return [f"estimate: unavailable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"]
+    lines = [summary(result)]
+    if not result.fits:
+        first = next((c for c in result.changes if c["fits"]), None)
+        hint = f"; {first['change']} would bring it to {gib(first['peak_bytes'])}" if first else ""
+        lines.append(f"warning: this run needs about {gib(result.peak_bytes)} but {result.device.name} has "
+                     f"{gib(result.device.memory_bytes)}{hint} (lorakit estimate shows what to change)")
+    return lines

@@ -342,6 +342,10 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
     plan = preflight(cfg)
     device = pick_device(cfg.device)
     amp_dtype = pick_precision(device, cfg)
+    from ..estimate import train_summary  # here, not at the top: lorakit.estimate imports lorakit.train
+
+    for line in train_summary(cfg, plan.records, device):  # lorakit estimate's plan, before the model loads
+        say(f"lorakit train: {line}")
     say(f"lorakit train: loading {plan.model_path} ...")
     model, tokenizer, _ = load_model(cfg.model_name_or_path, dtype="float32", device=device)
     data = prepare_data(cfg, plan.records, tokenizer)
