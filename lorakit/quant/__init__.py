@@ -4,6 +4,7 @@ layers by duck-typing) and needs only torch; bitsandbytes / torchao are used whe
 
 from .convert import (
     BACKENDS,
+    Quantization,
     QuantizationError,
     dequantize_model,
     describe,
@@ -17,7 +18,7 @@ from .merge import merge_dequantized
 from .optim import EIGHT_BIT, eight_bit_optimizer
 
 __all__ = [
-    "BACKENDS", "EIGHT_BIT", "QuantLinear", "QuantizationError", "dequantize_model", "describe",
+    "BACKENDS", "EIGHT_BIT", "QuantLinear", "Quantization", "QuantizationError", "dequantize_model", "describe",
     "eight_bit_optimizer", "merge_dequantized", "quantize_model", "quantized_layers", "resolve_backend",
     "weight_bytes",
 ]

@@ -13,9 +13,11 @@ The output head (lm_head) is never quantized: it is where the loss is computed, 
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import importlib.util
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -69,6 +71,30 @@ def quantizable(model: nn.Module, skip_modules: list[str] | None = None) -> list
             and not any(name == s or name.endswith("." + s) for s in skip)]
 
 
+@dataclass(frozen=True)
+class Quantization:
+    """How the base's linear layers are stored (QLoRA): `quantize_model`'s settings, for `load_model`."""
+
+    bits: int = 4
+    """4 (`quant_type` nf4 or fp4, blocks of 64) or 8 (int8 per output row)."""
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    """4-bit: also quantize the per-block scales to 8 bits."""
+    compute_dtype: torch.dtype | None = None
+    """Matmul dtype; None: the input's (or the autocast dtype)."""
+    backend: str = "auto"
+    """lorakit, bnb, or auto (bnb when bitsandbytes is installed)."""
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8):
+            raise QuantizationError(f"quantization bits must be 4 or 8, got {self.bits!r}")
+        if self.quant_type not in QUANT_TYPES:
+            raise QuantizationError(f"quantization type must be nf4 or fp4, got {self.quant_type!r}")
+        if self.backend not in BACKENDS:
+            raise QuantizationError(f"quantization backend must be one of {', '.join(BACKENDS)}, "
+                                    f"got {self.backend!r}")
+
+
 def quantize_model(model: nn.Module, bits: int = 4, quant_type: str = "nf4", double_quant: bool = True,
                    compute_dtype: torch.dtype | None = None, backend: str = "auto",
                    skip_modules: list[str] | None = None) -> nn.Module:
@@ -76,12 +102,11 @@ def quantize_model(model: nn.Module, bits: int = 4, quant_type: str = "nf4", dou
 
     bits 4: `quant_type` nf4 or fp4, `double_quant` also quantizes the block scales (QLoRA). bits 8: int8 rows.
     `compute_dtype` is the matmul dtype (None: the input's, or the autocast dtype). Call it before adding LoRA;
-    returns `model`, changed in place. Use `dequantize_model` to get dense layers back.
+    returns `model`, changed in place. Use `dequantize_model` to get dense layers back, and
+    `load_model(..., quantization=Quantization(...))` to quantize while loading instead (never holding the
+    full-precision layers).
     """
-    if bits not in (4, 8):
-        raise QuantizationError(f"quantization bits must be 4 or 8, got {bits!r}")
-    if quant_type not in QUANT_TYPES:
-        raise QuantizationError(f"quantization type must be nf4 or fp4, got {quant_type!r}")
+    Quantization(bits, quant_type, double_quant, compute_dtype, backend)  # checks the settings
     if any(isinstance(m, LoraLayer) for m in model.modules()):
         raise QuantizationError("quantize the model before adding LoRA adapters (quantize_model, then "
                                 "get_lora_model)")
@@ -90,34 +115,43 @@ def quantize_model(model: nn.Module, bits: int = 4, quant_type: str = "nf4", dou
         raise QuantizationError("the model has no linear layer to quantize (besides the output head)")
     device = next(iter(model.get_submodule(names[0]).parameters())).device
     chosen = resolve_backend(backend, device)
-    make = _to_bnb if chosen == "bnb" else _to_quant_linear
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, make(getattr(parent, child), bits, quant_type, double_quant, compute_dtype))
-    model.lorakit_quantization = {"bits": bits, "quant_type": quant_type if bits == 4 else "int8",
-                                  "double_quant": double_quant and bits == 4, "backend": chosen, "layers": len(names)}
+        weight, bias = dense_of(getattr(parent, child), getattr(parent, child).weight.detach())
+        setattr(parent, child, quantized_linear(weight, bias, chosen, bits, quant_type, double_quant, compute_dtype))
+    record_quantization(model, bits, quant_type, double_quant, chosen, len(names))
+    trim_heap()
     return model
 
 
-def _dense(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight (out, in), bias) of an nn.Linear or a transformers Conv1D (whose weight is (in, out))."""
-    w = linear.weight.detach()
-    return (w.T.contiguous() if is_conv1d(linear) else w), linear.bias
+def record_quantization(model: nn.Module, bits: int, quant_type: str, double_quant: bool, backend: str,
+                        layers: int) -> None:
+    """What the training log says about a quantized base (`describe`)."""
+    model.lorakit_quantization = {"bits": bits, "quant_type": quant_type if bits == 4 else "int8",
+                                  "double_quant": double_quant and bits == 4, "backend": backend, "layers": layers}
 
 
-def _to_quant_linear(linear: nn.Module, bits: int, quant_type: str, double_quant: bool,
-                     compute_dtype: torch.dtype | None) -> QuantLinear:
-    weight, bias = _dense(linear)
+def dense_of(linear: nn.Module, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight (out, in), bias) of an nn.Linear or a transformers Conv1D (whose `weight` is stored (in, out))."""
+    return (weight.T.contiguous() if is_conv1d(linear) else weight), linear.bias
+
+
+def quantized_linear(weight: torch.Tensor, bias: torch.Tensor | None, backend: str, bits: int, quant_type: str,
+                     double_quant: bool, compute_dtype: torch.dtype | None) -> nn.Module:
+    """The frozen quantized layer for a dense weight (out, in) and bias, on the weight's device; `backend` is
+    "lorakit" or "bnb" (as `resolve_backend` gives it). Both quantization routes (after loading, while loading)
+    go through here, so they store the same values."""
+    if backend == "bnb":
+        return _to_bnb(weight, bias, bits, quant_type, double_quant, compute_dtype)
     return QuantLinear(weight, bias, bits=bits, quant_type=quant_type, double_quant=double_quant,
                        compute_dtype=compute_dtype)
 
 
-def _to_bnb(linear: nn.Module, bits: int, quant_type: str, double_quant: bool,
+def _to_bnb(weight: torch.Tensor, bias: torch.Tensor | None, bits: int, quant_type: str, double_quant: bool,
             compute_dtype: torch.dtype | None) -> nn.Module:
     """The bitsandbytes layer transformers' BitsAndBytesConfig would have made (quantized by moving it)."""
     bnb = require("bitsandbytes", "quantization backend bnb", "or use backend lorakit (plain torch)")
-    weight, bias = _dense(linear)
     out_features, in_features = weight.shape
     device = weight.device
     if bits == 4:
@@ -137,6 +171,17 @@ def _to_bnb(linear: nn.Module, bits: int, quant_type: str, double_quant: bool,
     # (dequantize + matmul) is kept instead
     layer.support_avx512bf16_for_cpu = False
     return layer.to(device)  # bitsandbytes quantizes on this move
+
+
+def trim_heap() -> None:
+    """Give the heap's free pages back to the system (glibc's `malloc_trim`; a no-op without glibc), so what a
+    replaced full-precision layer and the quantizer's temporaries held stops counting as resident."""
+    try:
+        trim = getattr(ctypes.CDLL("libc.so.6"), "malloc_trim", None)
+    except OSError:
+        return
+    if trim is not None:
+        trim(0)
 
 
 def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

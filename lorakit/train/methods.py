@@ -10,7 +10,7 @@ from torch import nn
 
 from ..dtypes import DTYPE_NAMES
 from ..lora import LoraConfig, LoraModel, get_lora_model
-from ..quant import EIGHT_BIT, describe, eight_bit_optimizer, quantize_model, quantized_layers
+from ..quant import EIGHT_BIT, Quantization, describe, eight_bit_optimizer, quantize_model, quantized_layers
 from .config import TrainConfig
 
 
@@ -54,14 +54,25 @@ def lora_config_for(cfg: TrainConfig, base_model_name_or_path: str | None) -> Lo
                       base_model_name_or_path=base_model_name_or_path)
 
 
+def quantization_of(cfg: TrainConfig) -> Quantization | None:
+    """QLoRA's settings for `load_model(..., quantization=...)`, which quantizes while loading; None without
+    quantization_bit."""
+    if not cfg.quantization_bit:
+        return None
+    return Quantization(bits=cfg.quantization_bit, quant_type=cfg.quantization_type,
+                        double_quant=cfg.double_quantization, compute_dtype=DTYPE_NAMES.get(cfg.compute_dtype or ""),
+                        backend=cfg.quantization_method)
+
+
 def make_trainable(model: nn.Module, cfg: TrainConfig) -> Trainable:
     """Set up `model` for cfg.finetuning_type: wrap it with LoRA (on a quantized base when quantization_bit is
-    set: QLoRA), or choose which weights train."""
+    set: QLoRA), or choose which weights train. A QLoRA base comes quantized from `load_model(...,
+    quantization=quantization_of(cfg))`; an unquantized one is quantized here, before LoRA wraps its layers."""
     quantized = ""
-    if cfg.quantization_bit:  # quantize after loading, before LoRA: the adapters wrap the quantized layers
-        quantize_model(model, bits=cfg.quantization_bit, quant_type=cfg.quantization_type,
-                       double_quant=cfg.double_quantization, backend=cfg.quantization_method,
-                       compute_dtype=DTYPE_NAMES.get(cfg.compute_dtype or ""))
+    if cfg.quantization_bit:
+        if not quantized_layers(model):
+            spec = quantization_of(cfg)
+            quantize_model(model, spec.bits, spec.quant_type, spec.double_quant, spec.compute_dtype, spec.backend)
         quantized = f"; {describe(model)}"
     if cfg.finetuning_type == "lora":
         lora = get_lora_model(model, lora_config_for(cfg, getattr(model, "name_or_path", None)))
