@@ -289,6 +289,10 @@ def _lora_pairs(config: LoraConfig, state: dict[str, torch.Tensor]) -> dict[str,
     if config.use_dora or any(k.endswith("lora_magnitude_vector") for k in state):
         raise ValueError("write_gguf_lora: llama.cpp LoRA adapters cannot carry DoRA magnitudes; merge the adapter "
                          "and export the whole model with write_gguf")
+    if config.PEFT_TYPE != "LORA" or getattr(config, "target_parameters", None):
+        kind = "AdaLoRA adapters" if config.PEFT_TYPE != "LORA" else "LoRA on expert tensors (target_parameters)"
+        raise ValueError(f"write_gguf_lora: llama.cpp LoRA files cannot carry {kind}; merge the adapter and export "
+                         f"the whole model with write_gguf")
     pairs: dict[str, list[torch.Tensor]] = {}
     for key, tensor in state.items():
         if ".lora_embedding_" in key:

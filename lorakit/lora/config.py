@@ -68,6 +68,9 @@ class LoraConfig:
     """Rank of the update: lora_A is (r, in), lora_B is (out, r)."""
     target_modules: list[str] | str | None = None
     """Module names or suffixes to wrap, a regex matched against the full name, or "all-linear"."""
+    target_parameters: list[str] | None = None
+    """Parameters that are not nn.Linear weights to put LoRA on, e.g. experts.gate_up_proj (MoE experts' fused 3-D
+    tensors, one update per expert); suffixes of "<module>.<parameter>"."""
     exclude_modules: list[str] | str | None = None
     """Modules never wrapped (suffixes, or a regex)."""
     lora_alpha: float = 8
@@ -149,6 +152,9 @@ class LoraConfig:
         problems += self._rank_pattern_problems()
         if self.use_dora and isinstance(self.init_lora_weights, str) and self.init_lora_weights != "gaussian":
             problems.append(f"use_dora cannot be combined with init_lora_weights={self.init_lora_weights!r}")
+        if self.target_parameters is not None and (not isinstance(self.target_parameters, (list, tuple)) or not all(
+                isinstance(t, str) and t for t in self.target_parameters)):
+            problems.append(f"target_parameters must be a list of parameter names, got {self.target_parameters!r}")
         return problems
 
     def _rank_pattern_problems(self) -> list[str]:
@@ -178,7 +184,7 @@ class LoraConfig:
             out["target_modules"] = sorted(set(out["target_modules"]))
         # fields PEFT always writes; their neutral values keep PEFT from enabling features we do not have
         out.update(lora_bias=False, loftq_config={}, megatron_config=None, megatron_core="megatron.core",
-                   layer_replication=None, auto_mapping=None, use_qalora=False, target_parameters=None,
+                   layer_replication=None, auto_mapping=None, use_qalora=False,
                    trainable_token_indices=None, eva_config=None, corda_config=None)
         if out["lora_ga_config"] is not None:  # lorakit's extra field is not PEFT's
             out["lora_ga_config"].pop("stable_scale_on", None)
@@ -198,7 +204,7 @@ class LoraConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(k for k, v in raw.items() if k not in known and v not in (None, False, {}, [], ""))
         ignored_quietly = {"lora_bias", "loftq_config", "megatron_config", "megatron_core", "layer_replication",
-                           "auto_mapping", "use_qalora", "qalora_group_size", "peft_version", "target_parameters",
+                           "auto_mapping", "use_qalora", "qalora_group_size", "peft_version",
                            "ensure_weight_tying", "trainable_token_indices"}
         unknown = [k for k in unknown if k not in ignored_quietly]
         if unknown:

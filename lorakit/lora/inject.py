@@ -8,6 +8,7 @@ from torch import nn
 
 from .config import DEFAULT_TARGETS, LoraConfig
 from .layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave, is_conv1d, is_quantized
+from .params import LoraParameters
 
 LAYER_PATTERNS = ("layers", "h", "blocks", "layer", "block")
 CONDENSE_FROM = 20  # PEFT condenses a target list of this many names or more into name suffixes
@@ -105,6 +106,8 @@ def _inside_wrapper(model: nn.Module, key: str) -> bool:
 
 def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """Names of the modules to wrap; one-line errors for an empty match or an unsupported module type."""
+    if config.target_modules == [] and config.target_parameters:
+        return []  # parameters only (PEFT writes target_modules [] then)
     targets = resolve_targets(model, config)
     excluded = config.exclude_modules
     found, unsupported = [], []
@@ -154,6 +157,18 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str,
                            use_rslora=config.use_rslora, use_dora=config.use_dora,
                            init_factors=(init_factors or {}).get(key), lora_ga_config=config.lora_ga_config,
                            **({"svd": True, "scaling": config.scaling_for(key)} if svd else {}))
+    for key, names in match_parameters(model, config.target_parameters or []).items():
+        module = model.get_submodule(key)
+        if not isinstance(module, LoraParameters):
+            module = LoraParameters(module, names)
+            set_submodule(model, key, module)
+        elif module.param_names != names:
+            raise ValueError(f"'{key}': every adapter with target_parameters must target the same parameters "
+                             f"({', '.join(module.param_names)}), as in PEFT; this one targets {', '.join(names)}")
+        module.add_adapter(adapter_name, r=config.rank_for(key), lora_alpha=config.alpha_for(key),
+                           lora_dropout=config.lora_dropout, init=config.init_lora_weights,
+                           use_rslora=config.use_rslora, use_dora=config.use_dora)
+        keys.append(key)
     for key in _modules_to_save_keys(model, config):
         module = model.get_submodule(key)
         if not isinstance(module, ModulesToSave):
@@ -180,3 +195,46 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
 def wrappers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Every LoRA layer and ModulesToSave wrapper, with its name."""
     return [(k, m) for k, m in model.named_modules() if isinstance(m, (LoraLayer, ModulesToSave))]
+
+
+def match_parameters(model: nn.Module, targets: list[str]) -> dict[str, list[str]]:
+    """Module name -> its parameters that `targets` name (suffixes of "<module>.<parameter>", as PEFT matches them),
+    in the module's own parameter order (PEFT's nesting order, which the file keys follow); one-line error for a
+    target that matches nothing."""
+    found: dict[str, list[str]] = {}
+    used = set()
+    for key, module in model.named_modules():
+        if not key or _inside_wrapper(model, key) or (isinstance(module, LoraLayer)
+                                                      and not isinstance(module, LoraParameters)):
+            continue
+        base = module.base_layer if isinstance(module, LoraParameters) else module
+        for pname, _ in base.named_parameters(recurse=False):
+            hits = [t for t in targets if f"{key}.{pname}" == t or f"{key}.{pname}".endswith("." + t)]
+            if hits:
+                found.setdefault(key, []).append(pname)
+                used.update(hits)
+    missing = [t for t in targets if t not in used]
+    if missing:
+        raise ValueError(f"target_parameters {missing[0]!r} matched no parameter of the model")
+    return found
+
+
+def uncovered_weights(model: nn.Module) -> dict[str, int]:
+    """"<module>.<parameter>" suffix -> count, for the weight matrices and tensors no adapter covers that are not
+    nn.Linear layers (so all-linear skips them): MoE routers and fused expert tensors, typically. Embeddings,
+    norms, the output head and what LoRA wraps are left out."""
+    heads = _output_head_names(model)
+    out: dict[str, int] = {}
+    for key, module in model.named_modules():
+        if not key or key in heads or _inside_wrapper(model, key) or isinstance(module, ModulesToSave):
+            continue
+        covered: list[str] = []
+        if isinstance(module, LoraParameters):  # some of its parameters may be left
+            module, covered = module.base_layer, module.param_names
+        elif isinstance(module, LoraLayer) or is_linear(module) or isinstance(module, nn.Embedding):
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            if p.dim() >= 2 and pname not in covered:
+                name = f"{key.rsplit('.', 1)[-1]}.{pname}"
+                out[name] = out.get(name, 0) + 1
+    return out

@@ -18,6 +18,7 @@ from torch import nn
 from ..files import staged_files
 from .config import CONFIG_NAME, LoraConfig
 from .layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
+from .params import LoraParameters
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
@@ -32,6 +33,12 @@ def adapter_tensors(model: nn.Module, adapter_name: str, bias: str) -> dict[str,
             out[f"{BASE_PREFIX}{key}.lora_A"] = module.lora_A[adapter_name].weight
             out[f"{BASE_PREFIX}{key}.lora_B"] = module.lora_B[adapter_name].weight
             out[f"{BASE_PREFIX}{key}.lora_E"] = module.lora_E[adapter_name]
+        elif isinstance(module, LoraParameters) and adapter_name in module.lora_A:
+            depth = len(module.param_names)
+            for i, pname in enumerate(module.param_names):  # PEFT nests one wrapper per parameter, first innermost
+                path = f"{BASE_PREFIX}{key}" + ".base_layer" * (depth - 1 - i)
+                out[f"{path}.lora_A.weight"] = module.lora_A[adapter_name][pname].weight
+                out[f"{path}.lora_B.weight"] = module.lora_B[adapter_name][pname].weight
         elif isinstance(module, LoraLinear) and adapter_name in module.lora_A:
             out[f"{BASE_PREFIX}{key}.lora_A.weight"] = module.lora_A[adapter_name].weight
             out[f"{BASE_PREFIX}{key}.lora_B.weight"] = module.lora_B[adapter_name].weight

@@ -150,6 +150,11 @@ class LoraLayer(nn.Module):
         factor = dora.merge_factor(self, name, merged)
         return merged * factor.view(self._row_view()), factor
 
+    def merge_is_finite(self, name: str) -> bool:
+        """Whether merging adapter `name` would keep every weight finite (changes nothing)."""
+        merged, _ = self.merged_weight(name, self.base_layer.weight.detach().float())
+        return bool(torch.isfinite(merged).all())
+
     def merge(self, names: list[str] | None = None, safe_merge: bool = True, keep_original: bool | None = None) -> None:
         """Add the adapters' deltas to the base weight (fp32 arithmetic). Idempotent; refuses NaN/Inf.
 

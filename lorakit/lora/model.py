@@ -128,6 +128,8 @@ class LoraModel(nn.Module):
                              combination_type: str = "svd", svd_rank: int | None = None, density: float | None = None,
                              majority_sign_method: str = "total") -> None:
         """A new adapter from a weighted combination of loaded ones (PEFT's semantics; see lora/combine.py)."""
+        if any(getattr(self.peft_config.get(a), "target_parameters", None) for a in adapters):
+            raise ValueError("add_weighted_adapter does not combine adapters with target_parameters (expert tensors)")
         if any(isinstance(self.peft_config.get(a), AdaLoraConfig) for a in adapters):
             raise ValueError("add_weighted_adapter does not combine AdaLoRA adapters (as in PEFT); pass them per row "
                              "as adapter_names=[{name: weight}] or merge them one by one")
@@ -151,8 +153,7 @@ class LoraModel(nn.Module):
             for key, m in layers:
                 for name in names:
                     if name in m.adapter_names() and name not in m.merged_adapters:
-                        merged, _ = m.merged_weight(name, m.base_layer.weight.detach().float())
-                        if not torch.isfinite(merged).all():
+                        if not m.merge_is_finite(name):
                             raise ValueError(f"merging adapter '{name}' would put NaN/Inf into '{key}'; "
                                              f"nothing was merged")
         for _, m in layers:
@@ -226,7 +227,11 @@ class LoraModel(nn.Module):
                              "to train an adapter, use set_adapter()")
         if self.merged:
             raise ValueError("adapter_names needs unmerged adapters; call unmerge_adapter() first")
-        mixed.parse_names(list(adapter_names), set(self.peft_config))  # errors name the entry's index
+        names, _ = mixed.parse_names(list(adapter_names), set(self.peft_config))  # errors name the entry's index
+        for name in names:
+            if self.peft_config[name].target_parameters:
+                raise ValueError(f"adapter_names: adapter '{name}' has target_parameters (LoRA on expert tensors); "
+                                 f"per-row adapters do not cover it: use set_adapter() or merge it")
         for entry in adapter_names:
             self.check_adapter_entry(entry)
         layers = [m for _, m in lora_layers(self.model)]
