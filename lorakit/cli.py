@@ -69,6 +69,12 @@ def run_export(args: list[str]) -> int:
     return run(args, job="export")
 
 
+def run_serve(args: list[str]) -> int:
+    from .commands.serve import run_serve as run
+
+    return run(args)
+
+
 # Only subcommands that work are listed; each takes its raw arguments and returns an exit status.
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "train": (run_train, "train an adapter: lorakit train [CONFIG.yaml] [key=value ...] [--key value ...]"),
@@ -79,6 +85,8 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "merge": (run_merge, "merge adapters into a standalone HF or GGUF model: lorakit merge --adapter DIR "
                          "--export_dir OUT [--format hf|gguf|gguf-lora]"),
     "export": (run_export, "same as merge (LLaMA-Factory's name)"),
+    "serve": (run_serve, "serve the base and its adapters through an OpenAI-compatible API: lorakit serve "
+                         "--adapter NAME=DIR [--port 8000] [--api-key KEY]"),
 }
 
 
