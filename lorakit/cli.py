@@ -1,6 +1,6 @@
 """The `lorakit` command: one subcommand per job, each `lorakit JOB [CONFIG.yaml] [key=value ...] [--key value ...]`.
 
-Jobs: train, chat, eval, merge (alias export); `lorakit JOB --help` lists each one's keys. Every job runs in the
+Jobs: train, chat, eval, merge (alias export), serve; `lorakit JOB --help` lists each one's keys. Every job runs in the
 same frame (commands/arguments.py: run_command): errors a user can fix (bad config, missing data, unknown model,
 occupied output_dir) print as one `lorakit JOB: error: ...` message and exit with status 2 (config) or 1; set
 LORAKIT_DEBUG=1 for the traceback. Ctrl-C exits with status 130 (during training, after saving a checkpoint).

@@ -92,6 +92,9 @@ def create_app(engine: Engine, registry: Registry, metrics: Metrics, settings: S
         front.authorize(request)
         body = await parse(request, protocol.ChatCompletionRequest)
         entry = front.entry(request, body)
+        if entry.template is None:
+            raise ApiError(400, f"'{entry.name}' has no chat template (its tokenizer has none); use /v1/completions "
+                                f"or start lorakit serve with template=NAME", param="model")
         try:
             prompt = entry.template.prompt_ids(body.conversation())
         except ValueError as exc:  # a template that cannot render this conversation

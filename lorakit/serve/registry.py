@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..adapters import base_model_of, check_adapter_dirs, load_adapters, parse_adapter_specs, template_of
 from ..chat import stop_token_ids
-from ..data import get_template
+from ..data import DataError, get_template
 from ..lora import LoraConfig, LoraModel
 from ..lora.mixed import BASE
 from .protocol import ApiError
@@ -30,7 +30,7 @@ class Entry:
 
     name: str
     root: str
-    template: object  # a bound template: .prompt_ids(messages), .stop_words
+    template: object | None  # a bound template (.prompt_ids(messages), .stop_words); None: the tokenizer has none
     stop_ids: frozenset[int]
     config: LoraConfig | None = None
     created: int = field(default_factory=lambda: int(time.time()))
@@ -42,14 +42,18 @@ class Entry:
 
     def describe(self) -> str:
         if self.config is None:
-            return f"{self.name} (base, template {self.template.name})"
+            return f"{self.name} (base, template {self.template_label})"
         c = self.config
         targets = c.target_modules if isinstance(c.target_modules, str) else ",".join(c.target_modules or [])
         kind = " DoRA" if c.use_dora else ""
         kind += " rsLoRA" if c.use_rslora else ""
         extra = f", modules_to_save {','.join(c.modules_to_save)}" if c.modules_to_save else ""
         return (f"{self.name}: r={c.r} alpha={c.lora_alpha}{kind} targets {targets}{extra}, "
-                f"template {self.template.name}, from {self.root}")
+                f"template {self.template_label}, from {self.root}")
+
+    @property
+    def template_label(self) -> str:
+        return self.template.name if self.template is not None else "none (chat completions refused)"
 
 
 class Registry:
@@ -60,8 +64,11 @@ class Registry:
 
     def _entry(self, name: str, root: str, config: LoraConfig | None, path: Path | None) -> Entry:
         name_of = template_of([(name, path)], self.template_name) if path is not None else self.template_name
-        template = get_template(name_of, self.tokenizer)
-        stops = stop_token_ids(self.tokenizer, self.model, template.stop_words)
+        try:
+            template = get_template(name_of, self.tokenizer)
+        except DataError:  # a tokenizer without a chat template: completions only (chat answers 400)
+            template = None
+        stops = stop_token_ids(self.tokenizer, self.model, template.stop_words if template else ())
         return Entry(name, root, template, frozenset(stops), config)
 
     # --- lookups (any thread) -------------------------------------------------------------------------------
