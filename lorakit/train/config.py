@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import yaml
 
 from ..dtypes import DTYPE_NAMES
+from ..lora.config import LORA_GA_DIRECTIONS, LORA_GA_SCALES
 from ..settings import ConfigError
 
 STAGES = ("sft", "pt")
@@ -81,6 +82,39 @@ class TrainConfig:
     converted to plain LoRA for the untouched base."""
     pissa_iter: int = 16
     """Subspace iterations of PiSSA's fast SVD; -1 uses the exact SVD."""
+    loraga_init: bool = False
+    """LoRA-GA: start A and B on the singular directions of each target layer's gradient (estimated on loraga_batches
+    training batches, base frozen), base offset so step 0 is unchanged; saved as plain LoRA of rank 2r. It wants a
+    learning rate near full fine-tuning's, with use_rslora (the authors' recipe)."""
+    loraga_batches: int = 8
+    """LoRA-GA: training batches that estimate the gradient."""
+    loraga_direction: str = "ArB2r"
+    """LoRA-GA: which singular directions A and B take (ArB2r, A2rBr, ArBr, random; PEFT's names)."""
+    loraga_scale: str = "stable"
+    """LoRA-GA: stable (d_out^(1/4)/sqrt(gamma)), weight_svd, gd_scale or unit (PEFT's names)."""
+    loraga_stable_gamma: float = 16
+    """LoRA-GA: gamma of the stable scale."""
+    loraga_stable_scale_on: str = "AB"
+    """LoRA-GA: the stable scale on A and B (the paper) or on B only (B, PEFT 0.21's formula)."""
+    use_adalora: bool = False
+    """AdaLoRA: LoRA in SVD form whose rank per layer is allocated during training (lorakit runs the budget schedule
+    every step and adds the orthogonality penalty); lora_rank is unused, adalora_init_r is the start."""
+    adalora_init_r: int = 12
+    """AdaLoRA: rank every layer starts with."""
+    adalora_target_r: int = 8
+    """AdaLoRA: average rank per layer at the end."""
+    adalora_tinit: int = 0
+    """AdaLoRA: warm-up steps before the budget falls."""
+    adalora_tfinal: int = 0
+    """AdaLoRA: final steps with the ranks fixed."""
+    adalora_deltaT: int = 1
+    """AdaLoRA: steps between two allocations."""
+    adalora_beta1: float = 0.85
+    """AdaLoRA: moving average of the sensitivity."""
+    adalora_beta2: float = 0.85
+    """AdaLoRA: moving average of the uncertainty."""
+    adalora_orth_reg_weight: float = 0.5
+    """AdaLoRA: weight of the orthogonality penalty."""
     loraplus_lr_ratio: float | None = None
     """LoRA+: lora_B learns this many times faster than lora_A (16 is the paper's suggestion); empty is off."""
     loraplus_lr_embedding: float = 1e-6
@@ -121,6 +155,18 @@ class TrainConfig:
     group_by_length: bool = False
     """Batch examples of similar length together (batches still come in random order): less padding, less
     compute. No effect with packing."""
+    replay_dataset: str | None = None
+    """General data mixed into every epoch so the adapter keeps what the base model knew: any data set `dataset`
+    accepts (names in dataset_dir/dataset_info.json or files). With self_replay, only its prompts are used."""
+    replay_ratio: float = 0.0
+    """Share of each epoch's training examples that are replay rows, in [0, 1): round(n_task * r / (1 - r)) rows,
+    drawn once (seeded; the pool repeats when smaller) and shuffled in with the task rows every epoch. 0 is off."""
+    self_replay: bool = False
+    """Replay the base model's own greedy answers: to the prompts of replay_dataset, else to lorakit's shipped
+    general prompts (none of them a retention probe). Generated once before training, cached beside output_dir
+    (.lorakit-replay/)."""
+    self_replay_max_new_tokens: int = 64
+    """self_replay: longest generated answer in tokens; answers not finished by then are left out."""
 
     # --- output
     output_dir: str = "saves/lorakit"
@@ -272,10 +318,39 @@ def _value_problems(c) -> list[str]:
         (c.loraplus_lr_ratio is None or c.loraplus_lr_ratio > 0,
          f"loraplus_lr_ratio must be positive, got {c.loraplus_lr_ratio}"),
         (bool(_split(c.lora_target)), "lora_target is empty"),
+        (c.loraga_batches >= 1, f"loraga_batches must be at least 1, got {c.loraga_batches}"),
+        (c.loraga_direction in LORA_GA_DIRECTIONS,
+         f"loraga_direction must be one of {', '.join(LORA_GA_DIRECTIONS)}, got {c.loraga_direction!r}"),
+        (c.loraga_scale in LORA_GA_SCALES,
+         f"loraga_scale must be one of {', '.join(LORA_GA_SCALES)}, got {c.loraga_scale!r}"),
+        (c.loraga_stable_gamma > 0, f"loraga_stable_gamma must be positive, got {c.loraga_stable_gamma}"),
+        (c.loraga_stable_scale_on in ("AB", "B"),
+         f"loraga_stable_scale_on must be AB or B, got {c.loraga_stable_scale_on!r}"),
+        (c.adalora_init_r >= 1 and c.adalora_target_r >= 1 and c.adalora_deltaT >= 1,
+         "adalora_init_r, adalora_target_r and adalora_deltaT must be at least 1"),
+        (c.adalora_target_r <= c.adalora_init_r,
+         f"adalora_target_r ({c.adalora_target_r}) must not exceed adalora_init_r ({c.adalora_init_r})"),
+        (c.adalora_tinit >= 0 and c.adalora_tfinal >= 0, "adalora_tinit and adalora_tfinal must be 0 or more"),
+        (0 < c.adalora_beta1 < 1 and 0 < c.adalora_beta2 < 1, "adalora_beta1 and adalora_beta2 must be in (0, 1)"),
+        (c.adalora_orth_reg_weight >= 0, f"adalora_orth_reg_weight must be 0 or more, got {c.adalora_orth_reg_weight}"),
+        (not (c.loraga_init and (c.pissa_init or c.use_dora or c.use_adalora)),
+         "loraga_init cannot be combined with pissa_init, use_dora or use_adalora (each sets the starting point)"),
+        (not (c.loraga_init and (c.quantization_bit or c.finetuning_type == "qlora")),
+         "loraga_init rewrites the base weights and needs their full-precision gradients: not with quantization_bit"),
+        (not (c.use_adalora and (c.pissa_init or c.use_dora)), "use_adalora cannot be combined with pissa_init or "
+                                                                 "use_dora"),
         (c.freeze_trainable_layers != 0, "freeze_trainable_layers must not be 0"),
         (bool(_split(c.dataset)), "dataset is required: a registered name or a data file"),
         (c.cutoff_len >= 2, f"cutoff_len must be at least 2, got {c.cutoff_len}"),
         (c.max_samples is None or c.max_samples > 0, f"max_samples must be positive, got {c.max_samples}"),
+        (0 <= c.replay_ratio < 1, f"replay_ratio must be in [0, 1), got {c.replay_ratio}"),
+        (c.replay_ratio == 0 or c.replay_dataset or c.self_replay,
+         f"replay_ratio {c.replay_ratio} needs something to replay: replay_dataset or self_replay: true"),
+        (c.replay_ratio != 0 or not (c.replay_dataset or c.self_replay),
+         "replay_dataset / self_replay are set but replay_ratio is 0; give the share of replay rows, e.g. 0.3"),
+        (not (c.self_replay and c.stage == "pt"), "self_replay needs stage: sft (the base answers chat prompts)"),
+        (c.self_replay_max_new_tokens >= 1,
+         f"self_replay_max_new_tokens must be at least 1, got {c.self_replay_max_new_tokens}"),
         (c.val_size >= 0 and (c.val_size < 1 or float(c.val_size).is_integer()),
          f"val_size must be a fraction in [0, 1) or a whole number of examples, got {c.val_size}"),
         (bool(str(c.output_dir).strip()), "output_dir is empty"),
@@ -308,6 +383,7 @@ def _value_problems(c) -> list[str]:
             problems.append(f"{name} must be at least 1 or empty, got {getattr(c, name)}")
     if c.finetuning_type not in ("lora", "qlora"):
         lora_only = {"loraplus_lr_ratio": c.loraplus_lr_ratio is not None, "use_rslora": c.use_rslora,
-                     "use_dora": c.use_dora, "pissa_init": c.pissa_init, "additional_target": bool(c.additional_target)}
+                     "use_dora": c.use_dora, "pissa_init": c.pissa_init, "additional_target": bool(c.additional_target),
+                     "loraga_init": c.loraga_init, "use_adalora": c.use_adalora}
         problems += [f"{k} is only valid with finetuning_type: lora" for k, on in lora_only.items() if on]
     return problems

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from ..dtypes import DTYPE_NAMES
-from ..lora import LoraConfig, LoraModel, get_lora_model
+from ..lora import AdaLoraConfig, LoraConfig, LoraGAConfig, LoraModel, get_lora_model
+from ..lora.inject import uncovered_weights
 from ..quant import EIGHT_BIT, Quantization, describe, eight_bit_optimizer, quantize_model, quantized_layers
 from .config import TrainConfig
 
@@ -44,14 +45,26 @@ class Trainable:
 
 
 def lora_config_for(cfg: TrainConfig, base_model_name_or_path: str | None) -> LoraConfig:
-    """TrainConfig's LLaMA-Factory LoRA keys as PEFT's LoraConfig."""
-    init = True
+    """TrainConfig's LLaMA-Factory LoRA keys as PEFT's LoraConfig (AdaLoraConfig with use_adalora; its total_step
+    is set from the trainer's schedule, see rank_allocation.py)."""
+    common = dict(lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=cfg.lora_targets,
+                  modules_to_save=cfg.additional_targets, task_type="CAUSAL_LM",
+                  base_model_name_or_path=base_model_name_or_path)
+    if cfg.use_adalora:
+        return AdaLoraConfig(init_r=cfg.adalora_init_r, target_r=cfg.adalora_target_r, tinit=cfg.adalora_tinit,
+                             tfinal=cfg.adalora_tfinal, deltaT=cfg.adalora_deltaT, beta1=cfg.adalora_beta1,
+                             beta2=cfg.adalora_beta2, orth_reg_weight=cfg.adalora_orth_reg_weight,
+                             total_step=cfg.adalora_tinit + cfg.adalora_tfinal + 1, **common)
+    init: bool | str = True
     if cfg.pissa_init:
         init = "pissa" if cfg.pissa_iter == -1 else f"pissa_niter_{cfg.pissa_iter}"
-    return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=cfg.lora_targets, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
-                      init_lora_weights=init, modules_to_save=cfg.additional_targets, task_type="CAUSAL_LM",
-                      base_model_name_or_path=base_model_name_or_path)
+    ga = None
+    if cfg.loraga_init:
+        init = "lora_ga"
+        ga = LoraGAConfig(direction=cfg.loraga_direction, scale=cfg.loraga_scale, stable_gamma=cfg.loraga_stable_gamma,
+                          stable_scale_on=cfg.loraga_stable_scale_on)
+    return LoraConfig(r=cfg.lora_rank, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, init_lora_weights=init,
+                      lora_ga_config=ga, **common)
 
 
 def quantization_of(cfg: TrainConfig) -> Quantization | None:
@@ -64,10 +77,11 @@ def quantization_of(cfg: TrainConfig) -> Quantization | None:
                         backend=cfg.quantization_method)
 
 
-def make_trainable(model: nn.Module, cfg: TrainConfig) -> Trainable:
+def make_trainable(model: nn.Module, cfg: TrainConfig, lora_ga_factors: dict | None = None) -> Trainable:
     """Set up `model` for cfg.finetuning_type: wrap it with LoRA (on a quantized base when quantization_bit is
     set: QLoRA), or choose which weights train. A QLoRA base comes quantized from `load_model(...,
-    quantization=quantization_of(cfg))`; an unquantized one is quantized here, before LoRA wraps its layers."""
+    quantization=quantization_of(cfg))`; an unquantized one is quantized here, before LoRA wraps its layers.
+    `lora_ga_factors` (loraga_init.estimate_lora_ga) is LoRA-GA's starting point."""
     quantized = ""
     if cfg.quantization_bit:
         if not quantized_layers(model):
@@ -75,13 +89,20 @@ def make_trainable(model: nn.Module, cfg: TrainConfig) -> Trainable:
             quantize_model(model, spec.bits, spec.quant_type, spec.double_quant, spec.compute_dtype, spec.backend)
         quantized = f"; {describe(model)}"
     if cfg.finetuning_type == "lora":
-        lora = get_lora_model(model, lora_config_for(cfg, getattr(model, "name_or_path", None)))
+        lora = get_lora_model(model, lora_config_for(cfg, getattr(model, "name_or_path", None)),
+                              lora_ga_factors=lora_ga_factors)
         lc = lora.peft_config["default"]
         variant = "".join([" rsLoRA" if cfg.use_rslora else "", " DoRA" if cfg.use_dora else "",
-                           " PiSSA init" if cfg.pissa_init else ""])
+                           " PiSSA init" if cfg.pissa_init else "", " LoRA-GA init" if cfg.loraga_init else "",
+                           f" AdaLoRA (init_r {cfg.adalora_init_r} -> target_r {cfg.adalora_target_r})"
+                           if cfg.use_adalora else ""])
+        left = uncovered_weights(model)
+        if left:  # e.g. all-linear on an MoE model: routers and expert tensors are not nn.Linear layers
+            variant += "; not covered: " + ", ".join(f"{n} x{c}" for n, c in left.items())
         targets = lc.target_modules if isinstance(lc.target_modules, str) else _short_names(lc.target_modules)
         extra = f", modules_to_save {','.join(lc.modules_to_save)}" if lc.modules_to_save else ""
-        summary = (f"lora r={lc.r} alpha={lc.lora_alpha:g} dropout={lc.lora_dropout:g}{variant} on {targets}{extra}"
+        rank = lc.init_r if cfg.use_adalora else lc.r
+        summary = (f"lora r={rank} alpha={lc.lora_alpha:g} dropout={lc.lora_dropout:g}{variant} on {targets}{extra}"
                    + (f", LoRA+ ratio {cfg.loraplus_lr_ratio:g}" if cfg.loraplus_lr_ratio else "") + quantized)
         return Trainable(lora.get_base_model(), lora, summary)
     if cfg.finetuning_type == "full":

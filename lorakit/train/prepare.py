@@ -17,10 +17,12 @@ from ..data import (
     pack_examples,
     split_validation,
 )
+from ..data.replay import Replay, mix_replay
 from ..files import TEMP_PREFIX
 from ..models import ModelError, resolve_model
 from .checkpoint import CHECKPOINT_PREFIX, CheckpointError, resolve_resume
 from .config import TrainConfig
+from .self_replay import ReplaySource, replay_source
 
 # Files a previous run leaves in output_dir; overwrite_output_dir removes these (and checkpoint-*) only.
 RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_resume.safetensors", "model.safetensors",
@@ -44,6 +46,7 @@ class Plan:
     records: list[dict]
     model_path: Path
     resume: Path | None
+    replay: ReplaySource | None = None  # replay_dataset's records or self-replay prompts (replay_ratio > 0)
 
 
 def preflight(cfg: TrainConfig) -> Plan:
@@ -52,9 +55,13 @@ def preflight(cfg: TrainConfig) -> Plan:
     Nothing is written (except a one-time conversion of a GGUF model into lorakit's cache).
     """
     problems = []
-    records, model_path, resume = [], None, None
+    records, model_path, resume, replay = [], None, None, None
     try:
         records = load_records(cfg.dataset, cfg.dataset_dir, cfg.stage, cfg.max_samples)
+    except DataError as exc:
+        problems.append(str(exc))
+    try:
+        replay = replay_source(cfg)
     except DataError as exc:
         problems.append(str(exc))
     try:
@@ -74,7 +81,7 @@ def preflight(cfg: TrainConfig) -> Plan:
             problems.append(str(exc))
     if problems:
         raise TrainError(problems)
-    return Plan(records, model_path, resume)
+    return Plan(records, model_path, resume, replay)
 
 
 def _is_default(name: str | None) -> bool:
@@ -130,6 +137,8 @@ class Data:
             line += f"; {s['split']} extra examples from texts longer than cutoff_len"
         if s.get("dropped_no_labels"):
             line += f"; {s['dropped_no_labels']} dropped (no label token left)"
+        if s.get("replay"):
+            line += f"\n{s['replay']}"
         if self.packed:
             fill = sum(len(r["input_ids"]) for r in self.items) / (len(self.items) * cfg.cutoff_len)
             line += f"\npacking: {self.n_train} examples in {len(self.items)} rows of <= {cfg.cutoff_len} tokens " \
@@ -137,13 +146,21 @@ class Data:
         return line
 
 
-def prepare_data(cfg: TrainConfig, records: list[dict], tokenizer) -> Data:
-    """Template, tokenise, truncate, split off validation, pack (all may raise DataError; nothing is written)."""
+def prepare_data(cfg: TrainConfig, records: list[dict], tokenizer, replay: Replay | None = None) -> Data:
+    """Template, tokenise, truncate, split off validation, mix in replay rows, pack (all may raise DataError;
+    nothing is written)."""
     template = get_template(cfg.template, tokenizer) if cfg.stage == "sft" else None
     examples, stats = encode_records(records, tokenizer, template, cutoff_len=cfg.cutoff_len,
                                      train_on_prompt=cfg.train_on_prompt, stage=cfg.stage)
     val_size = int(cfg.val_size) if cfg.val_size >= 1 else cfg.val_size
     train, val = split_validation(examples, val_size, cfg.seed)
+    if replay is not None:  # replay rows join the training examples only, never the validation split
+        def encode(record: dict) -> dict | None:
+            rows, _ = encode_records([record], tokenizer, template, cutoff_len=cfg.cutoff_len)
+            return rows[0] if rows else None
+
+        train, line = mix_replay(train, replay.records, cfg.replay_ratio, cfg.seed, encode)
+        stats = {**stats, "replay": f"{line}; {replay.source}"}
     items = pack_examples(train, cfg.cutoff_len) if cfg.packing else train
     return Data(items, val, stats, len(train), bool(cfg.packing))
 

@@ -42,10 +42,13 @@ from .attention import NAME as PACKED_ATTENTION
 from .config import TrainConfig
 from .cpu_levers import CPU_PIECE_TOKENS, CPU_SPLIT_ABOVE, apply_model_levers, row_pieces, token_rounding
 from .loss import IGNORE_INDEX, causal_lm_loss, check_chunked_route, shifted_targets
-from .methods import Trainable, make_optimizer, make_trainable
+from .loraga_init import estimate_lora_ga
+from .methods import Trainable, lora_config_for, make_optimizer, make_trainable
 from .prepare import Data, clear_previous_run, preflight, prepare_data, steps_per_epoch
 from .report import MetricsLog, human, plot_loss
+from .rank_allocation import RankAllocation
 from .schedule import get_lr, warmup_steps_for
+from .self_replay import build_replay
 from .state import Schedule, TrainerState, capture_rng
 
 RESULTS_FILE = "train_results.json"  # written beside the adapter, with TRAINING_ARGS (training_args.yaml)
@@ -108,6 +111,7 @@ class Trainer:
             gradient_accumulation_steps=cfg.gradient_accumulation_steps, batches_per_epoch=self.n_batches,
             seed=cfg.seed)
         self.state = TrainerState(self.schedule)  # as of the last completed step
+        self.ranks = RankAllocation(trainable.lora, total) if cfg.use_adalora else None  # AdaLoRA's schedule
         self.inside_step = False  # from a step's boundary until its optimizer step is done
         self.chunked = True
         self.window = {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}  # since the last metrics line
@@ -188,12 +192,17 @@ class Trainer:
             if interrupt.requested:
                 self.optimizer.zero_grad(set_to_none=True)
                 return None
+        if self.ranks is not None:  # AdaLoRA's orthogonality penalty, once per step
+            penalty = self.ranks.penalty()
+            (self.scaler.scale(penalty) if self.scaler else penalty).backward()
         grad_norm = self.clip()
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
+        if self.ranks is not None:  # AdaLoRA's budget and masks, with this step's gradients
+            self.ranks.after_optimizer_step(self.step)
         self.optimizer.zero_grad(set_to_none=True)
         ended_epoch = self.complete_step(indices)
         self.inside_step = False
@@ -240,6 +249,9 @@ class Trainer:
 
     def resume(self, path: Path) -> None:
         """Continue from checkpoint `path`; CheckpointError (one line) when its schedule is not this run's."""
+        if self.ranks is not None:
+            raise ckpt.CheckpointError(f"{path}: an AdaLoRA run cannot resume yet (its importance scores are not in "
+                                       f"the checkpoint); start it again without resume_from_checkpoint")
         self.state = ckpt.load_checkpoint(path, self.trainable, self.optimizer, self.scaler, self.schedule)
         self.state.restore_rng()  # last: nothing after this may draw random numbers before training resumes
 
@@ -348,9 +360,15 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
         say(f"lorakit train: {line}")
     say(f"lorakit train: loading {plan.model_path} ...")
     model, tokenizer, _ = load_model(cfg.model_name_or_path, dtype="float32", device=device)
-    data = prepare_data(cfg, plan.records, tokenizer)
+    replay = build_replay(cfg, plan.replay, model, tokenizer, plan.model_path, amp_dtype)  # before any LoRA
+    data = prepare_data(cfg, plan.records, tokenizer, replay)
     seed_everything(cfg.seed)
-    trainable = make_trainable(model, cfg)
+    factors = None
+    if cfg.loraga_init:  # LoRA-GA starts from the gradient of the plain model
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        factors = estimate_lora_ga(model, lora_config_for(cfg, None), cfg, data.items, pad_id, device, amp_dtype,
+                                   packed=data.packed, say=say)
+    trainable = make_trainable(model, cfg, lora_ga_factors=factors)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model.config.use_cache = False
@@ -410,6 +428,9 @@ def finish(trainer: Trainer, out: Path) -> dict:
     results.update({k: v for k, v in trainer.state.last_metrics.items() if k.startswith("eval_")})
     write_file(out / RESULTS_FILE, json.dumps(results, indent=2) + "\n")
     plots = plot_loss(out) if trainer.cfg.plot_loss else []
+    if trainer.ranks is not None:
+        plots.append(trainer.ranks.report(out, say=say))
+        results["adalora_ranks"] = trainer.ranks.ranks()
     what = "adapter" if trainer.trainable.lora is not None else "model"
     loss = f", train loss {results['train_loss']:.4f}" if results["train_loss"] is not None else ""
     plotted = f"; plots: {', '.join(p.name for p in plots)}" if plots else ""
