@@ -11,6 +11,7 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 
 import yaml
 
@@ -234,6 +235,22 @@ class TrainConfig:
     eval_steps: int | None = None
     """Evaluate every N optimizer steps (eval_strategy: steps); empty means logging_steps."""
 
+    # --- several processes (NPROC_PER_NODE=N lorakit train ..., or torchrun -m lorakit train ...)
+    ddp_timeout: int = 1800
+    """Seconds a rank waits for the others at a collective before it gives up (and the run stops)."""
+    ddp_backend: str | None = None
+    """nccl or gloo; empty: nccl on CUDA, gloo on a CPU."""
+    ddp_find_unused_parameters: bool | None = None
+    """DDP: look for trainable parameters a step did not use (slower); empty means false."""
+    fsdp: str | None = None
+    """HF's FSDP words: full_shard (FSDP2, fully_shard per decoder layer), shard_grad_op (gathered weights kept
+    until the backward), offload; empty: FSDP2 full shard for finetuning_type full, DDP otherwise."""
+    fsdp_offload: bool = False
+    """FSDP2: keep the shards and the optimizer state on the CPU."""
+    deepspeed: str | None = None
+    """LLaMA-Factory's DeepSpeed JSON (examples/deepspeed/ds_z3_config.json): read, not run; ZeRO stage 0-2 runs as
+    DDP, stage 3 as FSDP2 full shard, CPU offload as FSDP2 CPU offload."""
+
     def __post_init__(self) -> None:
         problems, bad = _type_problems(self)
         # range checks see the default in place of a value of the wrong type, so they can all run
@@ -372,6 +389,9 @@ def _value_problems(c) -> list[str]:
         (c.adam_epsilon > 0, f"adam_epsilon must be positive, got {c.adam_epsilon}"),
         (c.max_grad_norm >= 0, f"max_grad_norm must be 0 (off) or more, got {c.max_grad_norm}"),
         (not (c.bf16 and c.fp16), "bf16 and fp16 are both true; choose one"),
+        (c.ddp_timeout >= 1, f"ddp_timeout must be at least 1 second, got {c.ddp_timeout}"),
+        (c.ddp_backend in (None, "nccl", "gloo"), f"ddp_backend must be nccl or gloo or empty, got {c.ddp_backend!r}"),
+        (c.deepspeed is None or Path(c.deepspeed).is_file(), f"deepspeed: config file '{c.deepspeed}' not found"),
     ]
     problems = [message for ok, message in checks if not ok]
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
