@@ -2,9 +2,9 @@
 
 Changes come in the order seed 000 advises ("显存紧张时优先降低 lora_rank 或只给注意力/FFN 层上 LoRA,
 而不是一味减 batch size": lower the rank or put LoRA on fewer layers before shrinking the batch), then gradient
-checkpointing,
-QLoRA, the 8-bit optimizer and a shorter cutoff_len; full and freeze first try LoRA. Each is planned again with
-the same data, so its effect is the model's own figure, and then they are combined in that order until it fits.
+checkpointing, QLoRA, the 8-bit optimizer and a shorter cutoff_len; full and freeze first try LoRA. Each is planned
+again with the same data, so its effect is the model's own figure, and then they are combined in that order until
+it fits.
 
 Rank and method follow seed 004's decision flow (under 10k examples LoRA r 8-16; 10k-100k LoRA r 16-32, full
 fine-tuning only if LoRA falls short; above 100k LoRA r 32-64 for simple tasks, full or QLoRA for complex ones),

@@ -26,7 +26,9 @@
   gradient rows (4H per label token), and for a trained head its (V x H) fp32 gradient.
   On a CPU the process's resident memory grows by more than what autograd keeps: tensors freed during the forward
   and backward leave holes in glibc's heap that later steps do not fill; `CPU_HEAP_FACTOR` (measured) scales
-  the kept activations to what RSS shows.
+  the kept activations to what RSS shows. With checkpointing, the backward recomputes each layer's activations
+  and frees them again, one layer after the other, and the heap keeps about `CPU_RECOMPUTE_HEAP` of what the
+  whole run would have kept without checkpointing (measured: two rows of bench/validate_estimate.py).
 - temporary: the chunked head: one chunk of n = min(chunk rows, label tokens) rows of V logits: 8 n V bytes in
   fp32 (logits + softmax), 10 n V under bf16 (+ the head cast to bf16 once, 2 V H); a trained head adds its fp32
   product per chunk (4 V H). Or the backward of the first layer, (3 I a + 8 H) per token, whichever is larger.
@@ -48,6 +50,7 @@ CPU_PROCESS_BYTES = 336 * MIB  # python + torch + transformers' Llama + lorakit.
 TOKENIZER_BYTES = 47 * MIB  # a 49k BPE tokenizer loaded (measured the same way)
 BNB_BYTES = 44 * MIB  # importing bitsandbytes (QLoRA's default backend, 8-bit AdamW)
 CPU_HEAP_FACTOR = 1.7  # peak RSS of the activations / what autograd keeps; fitted in bench/validate_estimate.py
+CPU_RECOMPUTE_HEAP = 0.5  # with checkpointing: RSS added by the backward's recomputes / what no checkpointing keeps
 QKV, GATE_UP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
 SMALL_STATE = 4096  # bitsandbytes keeps 32-bit moments for tensors with fewer values
 
@@ -165,14 +168,15 @@ def _layer_index(name: str) -> int | None:
 
 
 def activation_bytes(shape: ModelShape, cfg: TrainConfig, run: Training, work: Workload, amp: bool,
-                     device: Device) -> float:
-    """What autograd keeps for the backward of `work` (not scaled by the CPU heap factor)."""
+                     device: Device, checkpointing: bool | None = None) -> float:
+    """What autograd keeps for the backward of `work` (not scaled by the CPU heap factor); `checkpointing` None
+    follows cfg.gradient_checkpointing."""
     packed_cpu = work.packed and device.kind == "cpu"
     layers = range(run.first_backward_layer, shape.n_layers)
     per_layer = [layer_bytes_per_token(shape, cfg, run, j, amp, packed_cpu) for j in layers]
     if not per_layer:
         return 0.0
-    if cfg.gradient_checkpointing:
+    if cfg.gradient_checkpointing if checkpointing is None else checkpointing:
         kept = len(per_layer) * 4 * shape.hidden * work.tokens + max(per_layer) * work.tokens
     else:
         kept = sum(per_layer) * work.tokens
@@ -213,6 +217,8 @@ def memory(shape: ModelShape, cfg: TrainConfig, run: Training, work: Workload, a
                                                   if f"{m.name}.weight" in run.trained)
     kept = activation_bytes(shape, cfg, run, work, amp, device)
     parts["activations"] = kept * (CPU_HEAP_FACTOR if device.kind == "cpu" else 1.0)
+    if device.kind == "cpu" and cfg.gradient_checkpointing:  # the layers recomputed one by one in the backward
+        parts["activations"] += CPU_RECOMPUTE_HEAP * activation_bytes(shape, cfg, run, work, amp, device, False)
     parts["temporary"] = temporary_bytes(shape, run, work, amp, bucket)
     load = parts["process"] + 4 * shape.params
     if amp and run.targets and not cfg.quantization_bit and device.kind == "cpu":
