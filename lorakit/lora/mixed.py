@@ -23,10 +23,11 @@ includes a DoRA adapter, or one with modules_to_save, is refused before the call
 DoRA's magnitude rescales the whole weight and a module copy replaces a whole module, so neither mixes.
 
 How a layer learns the routing: `LoraModel.forward/generate(..., adapter_names=...)` builds one `Routing` (each
-row's slot and every LoRA layer's stacks) and makes it current for the duration of that call (`routed`); a LoRA
-layer's forward reads `current_routing()`. Nothing is set on the layers. The stacks come from a `StackCache` the
-LoraModel holds: checked against the adapters' weights (version counters) once per call and rebuilt when they
-change. With gradients on, the stacks are built from the parameters in the graph instead (not cached), so the
+row's slot and weights, and every LoRA layer's stacks) and makes it current for the duration of that call
+(`routed`); a LoRA layer's forward reads `current_routing()`. Nothing is set on the layers. The stacks hold every
+per-row adapter the LoraModel has, in load order (N above is that count), and come from a `StackCache` the LoraModel
+holds: checked against the adapters' weights (version counters) once per call and rebuilt only when adapters are
+added, removed or changed, not when a batch's mix of adapters does (a server's batches change every step). With gradients on, the stacks are built from the parameters in the graph instead (not cached), so the
 LoRA parameters get gradients; training mode is refused by LoraModel (no dropout runs on this path).
 `disable_adapter()` wins over the routing: a disabled layer gives the base output for every row.
 """
@@ -102,18 +103,19 @@ class Routing:
         return mask
 
 
-def make_routing(adapter_names: list, known: set[str], device: torch.device, stacks_for) -> Routing:
-    """The Routing of one call; `stacks_for(names)` gives every layer's stacks for the adapters used."""
-    names, rows = parse_names(adapter_names, known)
-    weights = torch.zeros(len(rows), len(names), dtype=torch.float32)
+def make_routing(adapter_names: list, bank: tuple[str, ...], device: torch.device,
+                 stacks: Mapping[nn.Module, Stacks | None]) -> Routing:
+    """The Routing of one call over `bank`, the adapters the stacks hold (all the LoraModel's per-row adapters, in
+    load order, so that the stacks change only when adapters do, not with each batch's mix)."""
+    _, rows = parse_names(adapter_names, set(bank))
+    weights = torch.zeros(len(rows), len(bank), dtype=torch.float32)
     for b, row in enumerate(rows):
         for name, w in row.items():
-            weights[b, names.index(name)] = w
-    single = all(len(row) == 1 and next(iter(row.values())) == 1.0 or not row for row in rows)
-    slot = [names.index(next(iter(row))) if len(row) == 1 and next(iter(row.values())) == 1.0 else len(names)
-            for row in rows]  # a combination's rows sit in the base slot (for DoRA scales and module copies)
-    return Routing(names, weights.to(device), torch.tensor(slot, dtype=torch.long, device=device), single,
-                   stacks_for(names))
+            weights[b, bank.index(name)] = w
+    one = [len(row) == 1 and next(iter(row.values())) == 1.0 for row in rows]
+    single = all(o or not row for o, row in zip(one, rows))
+    slot = [bank.index(next(iter(row))) if o else len(bank) for o, row in zip(one, rows)]  # combinations: base slot
+    return Routing(bank, weights.to(device), torch.tensor(slot, dtype=torch.long, device=device), single, stacks)
 
 
 def parse_names(adapter_names: list, known: set[str]) -> tuple[tuple[str, ...], list[dict[str, float]]]:
@@ -231,6 +233,7 @@ class StackCache:
         self.stacks: dict[nn.Module, Stacks | None] = {}
 
     def get(self, layers: list[nn.Module], names: tuple[str, ...]) -> dict[nn.Module, Stacks | None]:
+        """The stacks of `layers` for `names`: the cached ones while nothing they depend on changed."""
         if torch.is_grad_enabled():  # stacks inside the graph, so that the LoRA parameters get gradients
             return {m: build_stacks(m, names) for m in layers}
         versions = tuple(_versions(m, names) for m in layers)

@@ -34,6 +34,7 @@ class LoraModel(nn.Module):
         self.active_adapter: str | None = None
         self._initial_factors: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._stacks = mixed.StackCache()  # per-row adapter stacks of the last mixed call (mixed.py)
+        self._layers: list[LoraLayer] | None = None  # lora_layers(model), reset when adapters are added or removed
         self._replaced_base: dict[str, dict[str, torch.Tensor]] = {}  # adapter -> base weights its file replaced
         self.add_adapter(adapter_name, config, lora_ga_factors=lora_ga_factors)
 
@@ -59,6 +60,7 @@ class LoraModel(nn.Module):
             config = dataclasses.replace(config, target_modules=resolve_targets(self.model, config))
         elif config.target_modules == "all-linear":
             config = dataclasses.replace(config, target_modules=resolve_targets(self.model, config))
+        self._layers = None
         inject_adapter(self.model, config, adapter_name, init_factors=lora_ga_factors)
         config = _with_fan_in_fan_out(self.model, adapter_name, config, source=None)
         self.peft_config[adapter_name] = config
@@ -99,6 +101,7 @@ class LoraModel(nn.Module):
             raise ValueError(f"unknown adapter '{adapter_name}'; loaded: {', '.join(self.peft_config)}")
         for _, module in wrappers(self.model):
             module.delete_adapter(adapter_name)
+        self._layers = None
         del self.peft_config[adapter_name]
         self._initial_factors.pop(adapter_name, None)
         self._restore_base(adapter_name)
@@ -183,7 +186,13 @@ class LoraModel(nn.Module):
         for p in self.model.parameters():
             p.requires_grad_(False)
         self._stacks.clear()
+        self._layers = None
         return self.model
+
+    def replaced_base_weights(self, adapter_name: str) -> list[str]:
+        """Names of the base parameters that adapter `adapter_name`'s file replaced (a targeted embedding's base
+        weight, as PEFT saves it): while it is loaded, these differ for every adapter and for the base model."""
+        return sorted(self._replaced_base.get(adapter_name, {}))
 
     def _restore_base(self, adapter_name: str) -> None:
         with torch.no_grad():
@@ -234,11 +243,18 @@ class LoraModel(nn.Module):
                                  f"per-row adapters do not cover it: use set_adapter() or merge it")
         for entry in adapter_names:
             self.check_adapter_entry(entry)
-        layers = [m for _, m in lora_layers(self.model)]
-        routing = mixed.make_routing(list(adapter_names), set(self.peft_config), self.model.device,
-                                     lambda names: self._stacks.get(layers, names))
+        bank = tuple(n for n, c in self.peft_config.items() if not c.target_parameters)
+        routing = mixed.make_routing(list(adapter_names), bank, self.model.device,
+                                     self._stacks.get(self._layer_list(), bank))
         with mixed.routed(routing.expanded(expand)):
             yield
+
+    def _layer_list(self) -> list[LoraLayer]:
+        """The model's LoRA layers, found once per change of adapters (a walk over every module costs a step's
+        worth of Python on a large model)."""
+        if self._layers is None:
+            self._layers = [m for _, m in lora_layers(self.model)]
+        return self._layers
 
     def check_adapter_entry(self, entry: str | dict[str, float]) -> None:
         """Raise ValueError unless `entry` can route a row: an adapter name, BASE, or {name: weight} over loaded
