@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 import os
 
-from ..train.config import ConfigError, TrainConfig
-from ..train.options import config_help, read_yaml
-from .arguments import fail, say, split_argv, wants_help
+from ..settings import ConfigError, read_yaml, split_argv, wants_help
+from ..train.config import TrainConfig
+from ..train.options import config_help
+from .arguments import fail, say
 
 USAGE = """usage: lorakit estimate [CONFIG.yaml] [KEY=VALUE ...] [--device cpu|cuda|24GB|GPU NAME] [--json]
 
