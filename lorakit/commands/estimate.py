@@ -26,7 +26,6 @@ example:
   lorakit estimate demo/train.yaml
   lorakit estimate model_name_or_path=examples/configs/llama-3-8b finetuning_type=qlora --device 24GB
 
-keys of lorakit train (default, then meaning):
 """
 
 
