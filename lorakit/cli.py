@@ -4,6 +4,8 @@ Jobs: train, chat, eval, merge (alias export), serve; `lorakit JOB --help` lists
 same frame (commands/arguments.py: run_command): errors a user can fix (bad config, missing data, unknown model,
 occupied output_dir) print as one `lorakit JOB: error: ...` message and exit with status 2 (config) or 1; set
 LORAKIT_DEBUG=1 for the traceback. Ctrl-C exits with status 130 (during training, after saving a checkpoint).
+`NPROC_PER_NODE=N lorakit train ...` (or FORCE_TORCHRUN=1) re-launches the training through torch.distributed.run
+(lorakit/train/distributed.py).
 """
 
 from __future__ import annotations
@@ -32,8 +34,14 @@ def run_train(args: list[str]) -> int:
     """`lorakit train`: exit status 0 done, 1 bad input, 2 bad config, 130 interrupted (a checkpoint was saved)."""
     from .commands.arguments import run_command
     from .train import TrainConfig, train
+    from .train.distributed import launch, wants_launch
 
     def work(config: TrainConfig) -> int:
+        if wants_launch():  # NPROC_PER_NODE / FORCE_TORCHRUN: check once here, then run every rank via torchrun
+            from .train.prepare import preflight
+
+            preflight(config)
+            return launch(args)
         return 130 if train(config).get("status") == "interrupted" else 0
 
     return run_command("train", args, TrainConfig, USAGE_TRAIN, {}, {}, work)

@@ -38,7 +38,8 @@ class ConfigError(ValueError):
             super().__init__(f"config has {len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
-# LLaMA-Factory / transformers keys that change nothing in any lorakit command (one process, no loggers, no caches).
+# LLaMA-Factory / transformers keys that change nothing in a lorakit command (no loggers, no caches); a command whose
+# dataclass has the key as a field reads it instead (lorakit train: ddp_timeout, ddp_backend, deepspeed, ...).
 IGNORED_KEYS = frozenset({
     "overwrite_cache", "preprocessing_num_workers", "preprocessing_batch_size", "dataloader_num_workers",
     "dataloader_pin_memory", "dataloader_persistent_workers", "report_to", "ddp_timeout", "ddp_backend",
@@ -318,7 +319,7 @@ def keys_help(cls: type, flags: dict[str, str] | None = None, width: int = 100) 
             lines += textwrap.wrap(docs.get(name, ""), width, initial_indent=indent + " " * 6,
                                    subsequent_indent=indent + " " * 6)
     lines.append("")
-    lines.append("accepted and ignored (no effect here): " + ", ".join(sorted(IGNORED_KEYS)))
+    lines.append("accepted and ignored (no effect here): " + ", ".join(sorted(IGNORED_KEYS - set(defaults))))
     return "\n".join(lines)
 
 

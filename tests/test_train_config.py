@@ -68,7 +68,8 @@ def test_llama_factory_example_loads(tmp_path):
     assert config.learning_rate == 1e-4 and config.num_train_epochs == 3.0 and config.bf16
     assert config.template == "llama3" and config.val_size == 0.1 and config.eval_steps == 500
     assert set(ignored) == {"trust_remote_code", "overwrite_cache", "preprocessing_num_workers", "report_to",
-                            "dataloader_num_workers", "save_only_model", "ddp_timeout"}
+                            "dataloader_num_workers", "save_only_model"}
+    assert config.ddp_timeout == 180000000  # read now: the distributed keys are TrainConfig fields
 
 
 def test_defaults_follow_llama_factory():

@@ -1,4 +1,5 @@
-"""Examples to batches: validation split, padding collate, packing, and a resumable, seeded batch order.
+"""Examples to batches: validation split, padding collate, packing, and a resumable, seeded batch order (with
+several ranks: one global order cut into global micro-batches, each split by rank, `rank_share`).
 
 Two kinds of batch come out, both dicts of torch tensors of shape (B, T):
 
@@ -155,6 +156,21 @@ def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int = 0, 
     if group_by_length:
         batches = [batches[i] for i in rng.permutation(len(batches)).tolist()]
     return batches
+
+
+def rank_share(batch: list[int], rank: int, world_size: int) -> tuple[list[int], bool]:
+    """Rank `rank`'s part of one global micro-batch (item indices), and whether it is padding.
+
+    The batch is cut into `world_size` consecutive parts whose sizes differ by at most one, so a full batch of
+    per_device x world_size items gives every rank per_device of them, and the parts of all ranks together are the
+    batch a single process would take. A rank whose part is empty (an epoch's tail with fewer items than ranks)
+    gets the batch's first item as padding, trained with weight 0: no rank waits on another, and the step's
+    gradient is the same as one process's.
+    """
+    base, extra = divmod(len(batch), world_size)
+    start = rank * base + min(rank, extra)
+    part = batch[start:start + base + (rank < extra)]
+    return (part, False) if part else (batch[:1], True)
 
 
 def iterate_batches(items: list[dict], batch_size: int, pad_token_id: int, seed: int, epoch: int = 0,

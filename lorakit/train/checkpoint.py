@@ -9,6 +9,10 @@
         trainer_state.json                               the TrainerState (state.py): step, data position, examples
                                                          consumed, schedule, RNG states, last metrics
 
+With several ranks the files are the same, unsharded: rank 0 writes them (FSDP2's shards are gathered to it
+first, every rank taking part), with every rank's generators in trainer_state.json, and every rank reads them
+back, so a run resumes at another world size.
+
 Every file here is read back by a resume. The learning rate is a pure function of the step and the schedule
 (schedule.py), so the schedule saved in trainer_state.json is all a scheduler would have held; a resume checks it
 against the run's own. A checkpoint is built in a temporary sibling and renamed into place (lorakit.files), so a
@@ -17,6 +21,7 @@ crash never leaves one that looks complete.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 from pathlib import Path
@@ -26,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from ..files import staged_directory, staged_file
 from ..lora import get_peft_model_state_dict, set_peft_model_state_dict
+from .distributed import World
 from .methods import Trainable
 from .state import STATE_FILE, CheckpointError, Schedule, TrainerState
 
@@ -63,10 +69,11 @@ def resolve_resume(value: str | bool | None, output_dir: str | Path) -> Path | N
     return path
 
 
-def save_weights(trainable: Trainable, directory: Path) -> None:
-    """The adapter (PEFT format) or the whole model (save_pretrained) into `directory`."""
+def save_weights(trainable: Trainable, directory: Path, state_dict: dict | None = None) -> None:
+    """The adapter (PEFT format) or the whole model (save_pretrained; `state_dict`: FSDP2's gathered weights)
+    into `directory`."""
     if trainable.lora is None:
-        trainable.model.save_pretrained(directory)
+        trainable.model.save_pretrained(directory, state_dict=state_dict)
         return
     trainable.lora.save_pretrained(directory)
     init = trainable.lora.peft_config["default"].init_lora_weights
@@ -77,14 +84,23 @@ def save_weights(trainable: Trainable, directory: Path) -> None:
 
 
 def save_checkpoint(output_dir: str | Path, trainable: Trainable, optimizer: torch.optim.Optimizer,
-                    scaler: torch.amp.GradScaler | None, state: TrainerState, limit: int | None = None) -> Path:
+                    scaler: torch.amp.GradScaler | None, state: TrainerState, limit: int | None = None,
+                    world: World | None = None, sharded: bool = False) -> Path:
     """Write checkpoint-STEP for `state` all at once (replacing one of that step a resumed run left), then keep
-    only the newest `limit`."""
+    only the newest `limit`. With several ranks every rank calls this (the gathers), rank 0 alone writes;
+    `sharded`: the model is FSDP2's."""
+    world = world or World.single()
     root = Path(output_dir)
     final = root / f"{CHECKPOINT_PREFIX}{state.step}"
+    if world.distributed:
+        state = dataclasses.replace(state, rng_by_rank=world.gather(state.rng))
+    weights = gathered_weights(trainable.model) if sharded else None
+    optimizer_state = gathered_optimizer(trainable.model, optimizer) if sharded else optimizer.state_dict()
+    if not world.is_main:
+        return final
     with staged_directory(final) as tmp:
-        save_weights(trainable, tmp)
-        torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None},
+        save_weights(trainable, tmp, weights)
+        torch.save({"optimizer": optimizer_state, "scaler": scaler.state_dict() if scaler else None},
                    tmp / OPTIMIZER_FILE)
         state.save(tmp)
     if limit:
@@ -94,17 +110,22 @@ def save_checkpoint(output_dir: str | Path, trainable: Trainable, optimizer: tor
 
 
 def load_checkpoint(path: Path, trainable: Trainable, optimizer: torch.optim.Optimizer,
-                    scaler: torch.amp.GradScaler | None, schedule: Schedule) -> TrainerState:
+                    scaler: torch.amp.GradScaler | None, schedule: Schedule, sharded: bool = False) -> TrainerState:
     """Check that `path` was made with this run's `schedule` (CheckpointError naming the first key that differs),
     then restore weights, optimizer (and scaler); returns its trainer state. Its RNG states are for the caller to
-    restore (`state.restore_rng()`) last, so that nothing done while setting up the run disturbs them."""
+    restore (`state.restore_rng()`) last, so that nothing done while setting up the run disturbs them.
+    `sharded`: the model is FSDP2's (every rank reads the whole files and keeps its shards)."""
     state = TrainerState.load(path)
     state.check_resumable_by(schedule, path.name)
-    load_weights(path, trainable)
+    load_weights(path, trainable, sharded)
     saved = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
     try:
-        optimizer.load_state_dict(saved["optimizer"])
-    except ValueError as exc:
+        by_name = any(isinstance(k, str) for k in saved["optimizer"].get("state", {}))
+        if sharded or by_name:
+            load_optimizer_by_name(trainable.model, optimizer, saved["optimizer"])
+        else:
+            optimizer.load_state_dict(saved["optimizer"])
+    except (ValueError, KeyError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: the optimizer state does not fit this run ({exc}); "
                               "was it made with other finetuning settings?") from None
     if scaler is not None and saved.get("scaler"):
@@ -112,7 +133,7 @@ def load_checkpoint(path: Path, trainable: Trainable, optimizer: torch.optim.Opt
     return state
 
 
-def load_weights(path: Path, trainable: Trainable) -> None:
+def load_weights(path: Path, trainable: Trainable, sharded: bool = False) -> None:
     if trainable.lora is not None:
         resume = path / RESUME_WEIGHTS_FILE
         source = resume if resume.is_file() else path / ADAPTER_WEIGHTS_FILE
@@ -133,7 +154,43 @@ def load_weights(path: Path, trainable: Trainable) -> None:
     missing = {n for n, _ in trainable.named_trainable()} - set(state) - _tied_names(trainable.model)
     if missing:
         raise CheckpointError(f"{path}: weights missing for {len(missing)} trained tensors, e.g. {min(missing)}")
-    trainable.model.load_state_dict(state, strict=False)
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(trainable.model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        trainable.model.load_state_dict(state, strict=False)
+
+
+# ---------------------------------------------------------------- FSDP2: whole tensors to and from the shards
+
+
+def gathered_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every weight of an FSDP2 model, whole, on rank 0's CPU (every rank must call it: it all-gathers)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def gathered_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The AdamW state of an FSDP2 model, whole and keyed by parameter name, on rank 0's CPU (every rank calls)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                                cpu_offload=True))
+
+
+def load_optimizer_by_name(model: torch.nn.Module, optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """Load a whole optimizer state into `optimizer` (sharded or not); `saved` keyed by parameter name (an FSDP2
+    run's) or by position (a plain one's, converted to names first)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    if not any(isinstance(k, str) for k in saved.get("state", {})):
+        names = {id(p): n for n, p in model.named_parameters()}
+        order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+        saved = {"state": {order[i]: v for i, v in saved["state"].items()},
+                 "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in saved["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, saved, options=StateDictOptions(full_state_dict=True))
 
 
 def _tied_names(model: torch.nn.Module) -> set[str]:

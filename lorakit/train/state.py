@@ -3,14 +3,17 @@
     TrainerState
         step                 optimizer steps completed
         epoch, batch_in_epoch   where the next step starts: its epoch, and its first micro-batch in that epoch's order
-        examples_consumed    training items (examples, or packed rows) the completed steps used
+        examples_consumed    training items (examples, or packed rows) the completed steps used, over all ranks
         schedule             what the run was started with (Schedule): a resume must keep it
-        rng                  python / numpy / torch CPU / CUDA generator states at the step boundary
+        rng                  python / numpy / torch CPU / CUDA generator states at the step boundary (this rank's)
+        rng_by_rank          with several ranks: every rank's `rng`, in rank order (saved by rank 0)
         last_metrics         the latest logged metrics
 
 The data order is a pure function of (seed, epoch), so (epoch, batch_in_epoch) and the RNG states, taken before
 the next step's first micro-batch, are all a resumed run needs to draw the same batches and dropout masks as an
-uninterrupted one. A distributed run adds its world size to Schedule and counts examples over all ranks.
+uninterrupted one. A distributed run adds its world size to Schedule and counts examples over all ranks; its
+data position counts global micro-batches (per device x world size), so a run resumes at another world size with
+the same global micro-batch on the same data order.
 """
 
 from __future__ import annotations
@@ -54,10 +57,18 @@ class Schedule:
     def mismatch(self, now: Schedule) -> tuple[str, str, str] | None:
         """(key, as saved, as now) of the first setting that differs, in the user's terms; None when all match."""
         for key in ("max_steps", "num_train_epochs", "warmup_steps", "lr_scheduler_type", "learning_rate",
-                    "per_device_train_batch_size", "gradient_accumulation_steps", "world_size", "seed",
-                    "batches_per_epoch", "total_steps"):
+                    "per_device_train_batch_size", "gradient_accumulation_steps", "seed", "batches_per_epoch",
+                    "total_steps"):
             if key == "num_train_epochs" and self.max_steps > 0 and now.max_steps > 0:
                 continue  # max_steps decides; the epoch count is not used
+            if key == "per_device_train_batch_size" and self.world_size != now.world_size:
+                # another world size: the global micro-batch (per device x ranks) fixes the batches, and must stay
+                saved, mine = self.global_micro_batch, now.global_micro_batch
+                if saved != mine:
+                    return ("per_device_train_batch_size x world size (the global micro-batch)",
+                            f"{self.per_device_train_batch_size}x{self.world_size}",
+                            f"{now.per_device_train_batch_size}x{now.world_size}")
+                continue
             saved, mine = getattr(self, key), getattr(now, key)
             if saved != mine:
                 if key == "warmup_steps":
@@ -67,6 +78,11 @@ class Schedule:
                             str(saved), str(mine))
                 return key, _shown(key, saved), _shown(key, mine)
         return None
+
+    @property
+    def global_micro_batch(self) -> int:
+        """Items of one micro-batch over all ranks: the epoch's order is cut into these, then split by rank."""
+        return self.per_device_train_batch_size * self.world_size
 
 
 def _shown(key: str, value) -> str:
@@ -86,6 +102,7 @@ class TrainerState:
     examples_consumed: int = 0
     rng: dict = field(default_factory=dict)
     last_metrics: dict = field(default_factory=dict)
+    rng_by_rank: list[dict] = field(default_factory=list)
 
     def epoch_float(self) -> float:
         return self.epoch + self.batch_in_epoch / max(self.schedule.batches_per_epoch, 1)
@@ -96,6 +113,8 @@ class TrainerState:
                 "epoch_index": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "examples_consumed": self.examples_consumed, "schedule": dataclasses.asdict(self.schedule),
                 "last_metrics": self.last_metrics, "rng": self.rng}
+        if self.rng_by_rank:
+            data["rng_by_rank"] = self.rng_by_rank
         return write_file(Path(directory) / STATE_FILE, json.dumps(data, indent=1) + "\n")
 
     @classmethod
@@ -112,13 +131,25 @@ class TrainerState:
         try:
             return cls(schedule=Schedule(**data["schedule"]), step=data["global_step"], epoch=data["epoch_index"],
                        batch_in_epoch=data["batch_in_epoch"], examples_consumed=data["examples_consumed"],
-                       rng=data["rng"], last_metrics=data.get("last_metrics", {}))
+                       rng=data["rng"], last_metrics=data.get("last_metrics", {}),
+                       rng_by_rank=data.get("rng_by_rank", []))
         except (KeyError, TypeError) as exc:
             raise CheckpointError(f"{path}: the trainer state lacks or misnames a field ({exc})") from None
 
-    def restore_rng(self) -> None:
-        """Put every random number generator back where it stood at the step boundary this state was taken at."""
-        restore_rng(self.rng)
+    def restore_rng(self, rank: int = 0, world_size: int = 1) -> bool:
+        """Put every random number generator back where it stood at the step boundary this state was taken at:
+        each rank its own. A rank the saved run did not have (it had fewer ranks) is seeded from (seed, rank)
+        instead. True when every rank found its own generators (the same world size)."""
+        saved = self.rng_by_rank or [self.rng]
+        if rank < len(saved):
+            self.rng = saved[rank]
+            restore_rng(self.rng)
+        else:
+            random.seed(self.schedule.seed + rank)
+            np.random.seed((self.schedule.seed + rank) % 2**32)
+            torch.manual_seed(self.schedule.seed + rank)
+            self.rng = capture_rng()
+        return len(saved) == world_size
 
     def check_resumable_by(self, now: Schedule, where: str) -> None:
         """CheckpointError (one line, naming the key) unless a run with schedule `now` can continue this state."""

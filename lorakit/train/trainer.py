@@ -8,7 +8,10 @@ One optimizer step:
         (on a CPU a micro-batch of more than CPU_SPLIT_ABOVE tokens goes through in pieces of rows: cpu_levers.py)
     clip to max_grad_norm; lr = base_lr * schedule(step); AdamW step
 
-so the step's loss is the mean over its label tokens, whatever their split into micro-batches. The run's position
+so the step's loss is the mean over its label tokens, whatever their split into micro-batches. With several ranks
+(distributed.py, sharding.py) each global micro-batch is split by rank (`rank_share`), N is summed over the ranks
+before the backward, each rank's loss is scaled by the world size (DDP / FSDP2 average gradients), the gradients
+sync on the last backward of the step only, and rank 0 alone prints and writes. The run's position
 is one TrainerState (state.py) as of the last completed step: the data order is a pure function of (seed, epoch),
 and the random number generators are captured at each step boundary, before the step's first micro-batch, so a
 resumed run draws the same batches and the same dropout masks as an uninterrupted one. Ctrl-C finishes nothing
@@ -34,12 +37,14 @@ from tqdm import tqdm
 
 from ..adapters import TRAINING_ARGS
 from ..data import batch_order, collate_packed, pad_collate
+from ..data.batching import rank_share
 from ..device import autocast_dtype, pick_device
 from ..files import write_file
 from ..models import load_model
 from . import checkpoint as ckpt
 from .attention import NAME as PACKED_ATTENTION
 from .config import TrainConfig
+from .distributed import DistributedError, World, join, leave, lost_contact
 from .cpu_levers import CPU_PIECE_TOKENS, CPU_SPLIT_ABOVE, apply_model_levers, row_pieces, token_rounding
 from .loss import IGNORE_INDEX, causal_lm_loss, check_chunked_route, shifted_targets
 from .loraga_init import estimate_lora_ga
@@ -48,6 +53,7 @@ from .prepare import Data, clear_previous_run, preflight, prepare_data, steps_pe
 from .report import MetricsLog, human, plot_loss
 from .rank_allocation import RankAllocation
 from .schedule import get_lr, warmup_steps_for
+from .sharding import Sharded, plan_for, shard
 from .self_replay import build_replay
 from .state import Schedule, TrainerState, capture_rng
 
@@ -91,9 +97,11 @@ class Trainer:
     """The state of one run and the loop over its optimizer steps."""
 
     def __init__(self, cfg: TrainConfig, trainable: Trainable, tokenizer, data: Data, device: torch.device,
-                 amp_dtype: torch.dtype | None) -> None:
+                 amp_dtype: torch.dtype | None, world: World | None = None) -> None:
         self.cfg, self.trainable, self.tokenizer, self.data = cfg, trainable, tokenizer, data
         self.model = trainable.model
+        self.world = world or World.single()
+        self.sharded: Sharded | None = None  # DDP / FSDP2 around the loss, with several ranks (`distribute`)
         self.device, self.amp_dtype = device, amp_dtype
         self.round_width = token_rounding(device, amp_dtype or next(self.model.parameters()).dtype)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -109,7 +117,7 @@ class Trainer:
             lr_scheduler_type=cfg.lr_scheduler_type, learning_rate=cfg.learning_rate, max_steps=cfg.max_steps,
             num_train_epochs=cfg.num_train_epochs, per_device_train_batch_size=cfg.per_device_train_batch_size,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps, batches_per_epoch=self.n_batches,
-            seed=cfg.seed)
+            seed=cfg.seed, world_size=self.world.size)
         self.state = TrainerState(self.schedule)  # as of the last completed step
         self.ranks = RankAllocation(trainable.lora, total) if cfg.use_adalora else None  # AdaLoRA's schedule
         self.inside_step = False  # from a step's boundary until its optimizer step is done
@@ -119,9 +127,10 @@ class Trainer:
 
     # --- data order --------------------------------------------------------------------------------------------
     def epoch_order(self, epoch: int) -> list[list[int]]:
-        """Item indices of each micro-batch of `epoch`: seeded shuffle, or the file order."""
+        """Item indices of each global micro-batch of `epoch` (per device x world size items; each rank trains on
+        its `rank_share`): seeded shuffle, or the file order."""
         if epoch not in self._orders:
-            bs = self.cfg.per_device_train_batch_size
+            bs = self.cfg.per_device_train_batch_size * self.world.size
             if self.cfg.disable_shuffling:
                 n = len(self.lengths)
                 self._orders[epoch] = [list(range(i, min(i + bs, n))) for i in range(0, n, bs)]
@@ -179,19 +188,29 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * lr_scale
         indices = self.next_group()
-        batches = [self.collate(ix) for ix in indices]
-        n_labels = max(sum(n for _, _, n in batches), 1)  # the step's loss is the mean over all these tokens
+        shares = [rank_share(ix, self.world.rank, self.world.size) for ix in indices]  # (this rank's part, padding)
+        batches = [self.collate(part) for part, _ in shares]
+        weights = [0.0 if padding else 1.0 for _, padding in shares]  # a padding part trains with weight 0
+        mine = sum(n * w for (_, _, n), w in zip(batches, weights))
+        n_labels = max(self.world.sum([mine])[0], 1)  # the step's loss is the mean over all these tokens (all ranks)
         loss_sum = torch.zeros((), device=self.device)
-        for batch, _, _ in batches:
-            for piece in self.pieces(batch):
-                with self.autocast():
-                    part, _ = causal_lm_loss(self.model, piece, chunked=self.chunked)
-                scaled = part / n_labels
-                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-                loss_sum += part.detach()
-            if interrupt.requested:
+        for i, ((batch, _, _), weight) in enumerate(zip(batches, weights)):
+            pieces = self.pieces(batch)
+            for j, piece in enumerate(pieces):
+                with self.sync(last=i == len(batches) - 1 and j == len(pieces) - 1):
+                    with self.autocast():
+                        part, _ = self.forward_loss(piece)
+                    scaled = part * (weight * self.world.size) / n_labels  # ranks' gradients are averaged
+                    (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+                loss_sum += part.detach() * weight
+            if interrupt.requested and not self.world.distributed:
                 self.optimizer.zero_grad(set_to_none=True)
                 return None
+        mine_tokens = sum(n * w for (_, n, _), w in zip(batches, weights))
+        total_loss, tokens, stop = self.world.sum([float(loss_sum), mine_tokens, float(interrupt.requested)])
+        if stop:  # a Ctrl-C on any rank: every rank drops this step
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
         if self.ranks is not None:  # AdaLoRA's orthogonality penalty, once per step
             penalty = self.ranks.penalty()
             (self.scaler.scale(penalty) if self.scaler else penalty).backward()
@@ -206,12 +225,29 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         ended_epoch = self.complete_step(indices)
         self.inside_step = False
-        return {"loss": float(loss_sum) / n_labels, "lr": self.cfg.learning_rate * lr_scale, "grad_norm": grad_norm,
-                "tokens": sum(n for _, n, _ in batches), "ended_epoch": ended_epoch}
+        return {"loss": total_loss / n_labels, "lr": self.cfg.learning_rate * lr_scale, "grad_norm": grad_norm,
+                "tokens": int(tokens), "ended_epoch": ended_epoch}
+
+    def forward_loss(self, batch: dict) -> tuple[torch.Tensor, int]:
+        """(loss summed over label tokens, their count): through DDP / FSDP2 with several ranks."""
+        if self.sharded is None:
+            return causal_lm_loss(self.model, batch, chunked=self.chunked)
+        return self.sharded.loss(batch, self.chunked)
+
+    def sync(self, last: bool):
+        """The gradient reduction runs in the last backward of a step only (DDP no_sync, FSDP2 gradient sync)."""
+        return contextlib.nullcontext() if self.sharded is None else self.sharded.sync(last)
+
+    def distribute(self, plan) -> None:
+        """Wrap the model for several ranks (sharding.py), then remake the optimizer over the parameters it left."""
+        self.sharded = shard(self.trainable, plan, self.world, self.device, bool(self.cfg.ddp_find_unused_parameters))
+        self.optimizer = make_optimizer(self.trainable, self.cfg)
 
     def pieces(self, batch: dict) -> list[dict]:
         """The forward passes the micro-batch runs as (`cpu_levers.row_pieces`): itself, or on a CPU, pieces of
-        rows."""
+        rows. FSDP2 gathers weights in every forward, so there every rank runs one per micro-batch."""
+        if self.fsdp:
+            return [batch]
         return row_pieces(batch, self.device, self.round_width, CPU_SPLIT_ABOVE, CPU_PIECE_TOKENS)
 
     def clip(self) -> float:
@@ -219,21 +255,27 @@ class Trainer:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         limit = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
-        return float(torch.nn.utils.clip_grad_norm_(params, limit))
+        norm = torch.nn.utils.clip_grad_norm_(params, limit)  # FSDP2: a DTensor, the norm over every shard
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Loss over every label token of the validation split, and its perplexity."""
+        """Loss over every label token of the validation split, and its perplexity; with several ranks each takes
+        its share of every global eval batch and the sums are reduced."""
         self.model.eval()
         val = sorted(self.data.val, key=lambda e: len(e["input_ids"]))  # similar lengths together: less padding
         total, count = 0.0, 0
-        bs = self.cfg.per_device_eval_batch_size
+        bs = self.cfg.per_device_eval_batch_size * self.world.size
         for start in range(0, len(val), bs):
-            chunk = pad_collate(val[start:start + bs], self.pad_id, round_width=self.round_width)
+            part_ix, padding = rank_share(list(range(start, min(start + bs, len(val)))), self.world.rank,
+                                          self.world.size)
+            chunk = pad_collate([val[i] for i in part_ix], self.pad_id, round_width=self.round_width)
             batch = {k: v.to(self.device) for k, v in chunk.items()}
             with self.autocast():
-                part, n = causal_lm_loss(self.model, batch, chunked=self.chunked)
-            total, count = total + float(part), count + n
+                part, n = self.forward_loss(batch)
+            if not padding:
+                total, count = total + float(part), count + n
+        total, count = self.world.sum([total, count])
         self.model.train()
         loss = total / max(count, 1)
         return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
@@ -245,28 +287,37 @@ class Trainer:
         if not self.inside_step:
             self.state.rng = capture_rng()
         return ckpt.save_checkpoint(self.cfg.output_dir, self.trainable, self.optimizer, self.scaler, self.state,
-                                    self.cfg.save_total_limit)
+                                    self.cfg.save_total_limit, self.world, self.fsdp)
+
+    @property
+    def fsdp(self) -> bool:
+        return self.sharded is not None and self.sharded.plan.mode == "fsdp"
 
     def resume(self, path: Path) -> None:
         """Continue from checkpoint `path`; CheckpointError (one line) when its schedule is not this run's."""
         if self.ranks is not None:
             raise ckpt.CheckpointError(f"{path}: an AdaLoRA run cannot resume yet (its importance scores are not in "
                                        f"the checkpoint); start it again without resume_from_checkpoint")
-        self.state = ckpt.load_checkpoint(path, self.trainable, self.optimizer, self.scaler, self.schedule)
-        self.state.restore_rng()  # last: nothing after this may draw random numbers before training resumes
+        self.state = ckpt.load_checkpoint(path, self.trainable, self.optimizer, self.scaler, self.schedule, self.fsdp)
+        saved_ranks = len(self.state.rng_by_rank) or 1
+        if not self.state.restore_rng(self.world.rank, self.world.size) and self.world.is_main:  # last: see above
+            say(f"resume: {path.name} was made by {saved_ranks} rank(s), this run has {self.world.size}: the same "
+                f"data order; ranks the checkpoint did not have start fresh random generators (dropout only)")
 
     # --- the loop ----------------------------------------------------------------------------------------------
-    def run(self, log: MetricsLog, on_step=None) -> str:
+    def run(self, log: MetricsLog | None, on_step=None) -> str:
         """Train up to the last step: "completed", or "interrupted" (after saving a checkpoint)."""
         bar = tqdm(total=self.schedule.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
-                   file=sys.stderr, mininterval=0.5)
+                   file=sys.stderr, mininterval=0.5, disable=not self.world.is_main)
         status = "completed"
+        alone = not self.world.distributed  # with several ranks only the flag the ranks agree on (train_step) counts
         with Interrupt() as interrupt:
             try:
-                while self.step < self.schedule.total_steps and not interrupt.requested:
+                while self.step < self.schedule.total_steps and not (interrupt.requested and alone):
                     t0 = time.perf_counter()
                     out = self.train_step(interrupt)
                     if out is None:
+                        status = "interrupted"
                         break
                     out["seconds"] = time.perf_counter() - t0
                     self.show(out, bar)
@@ -278,16 +329,21 @@ class Trainer:
                     raise
                 interrupt.requested = True  # one that did not come through the handler (e.g. not the main thread)
                 self.optimizer.zero_grad(set_to_none=True)
-            if interrupt.requested:
+            if interrupt.requested and alone:
                 status = "interrupted"
         bar.close()
         if status == "interrupted":
             if self.step > 0:
-                say(f"lorakit: checkpoint saved to {self.save_checkpoint()}; continue with "
-                    f"resume_from_checkpoint=true")
+                saved = self.save_checkpoint()  # every rank: the gathers
+                self.say(f"lorakit: checkpoint saved to {saved}; continue with resume_from_checkpoint=true")
             else:
-                say("lorakit: interrupted before the first step finished; nothing to save")
+                self.say("lorakit: interrupted before the first step finished; nothing to save")
         return status
+
+    def say(self, text: str) -> None:
+        """A line on stderr, from rank 0 only."""
+        if self.world.is_main:
+            say(text)
 
     def show(self, out: dict, bar: tqdm) -> None:
         """Progress bar: this step's loss and lr, real (non-padding) input tokens per second of training."""
@@ -297,8 +353,8 @@ class Trainer:
         bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{out['lr']:.2e}",
                         tok_s=f"{self.run_tokens / self.run_seconds:.0f}")
 
-    def after_step(self, out: dict, log: MetricsLog) -> None:
-        """Log, evaluate and checkpoint as the config asks."""
+    def after_step(self, out: dict, log: MetricsLog | None) -> None:
+        """Log (rank 0: `log`; None on the other ranks), evaluate and checkpoint as the config asks."""
         cfg, w = self.cfg, self.window
         w["loss"], w["steps"] = w["loss"] + out["loss"], w["steps"] + 1
         w["tokens"], w["seconds"] = w["tokens"] + out["tokens"], w["seconds"] + out["seconds"]
@@ -307,15 +363,18 @@ class Trainer:
             record = {"step": self.step, "epoch": round(self.epoch_float, 4), "loss": round(w["loss"] / w["steps"], 6),
                       "lr": out["lr"], "grad_norm": round(out["grad_norm"], 6),
                       "tokens_per_second": round(w["tokens"] / max(w["seconds"], 1e-9), 1)}
-            log.write(record)
+            if log is not None:
+                log.write(record)
             self.state.last_metrics.update(record)
             self.window = {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}
         by_steps = cfg.eval_strategy == "steps" and self.step % cfg.eval_steps == 0
         if self.data.val and (by_steps or (cfg.eval_strategy == "epoch" and out["ended_epoch"]) or last_step):
             metrics = self.evaluate()
-            log.write({"step": self.step, "epoch": round(self.epoch_float, 4), **metrics})
+            if log is not None:
+                log.write({"step": self.step, "epoch": round(self.epoch_float, 4), **metrics})
             self.state.last_metrics.update(metrics)
-            say(f"step {self.step}: eval_loss {metrics['eval_loss']:.4f}, perplexity {metrics['eval_perplexity']:.2f}")
+            self.say(f"step {self.step}: eval_loss {metrics['eval_loss']:.4f}, "
+                     f"perplexity {metrics['eval_perplexity']:.2f}")
         if (cfg.save_strategy == "steps" and self.step % cfg.save_steps == 0) or (
                 cfg.save_strategy == "epoch" and out["ended_epoch"]):
             self.save_checkpoint()
@@ -349,16 +408,34 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
     """Run `lorakit train` for `cfg`; returns the results written to train_results.json.
 
     Raises TrainError / DataError / ModelError / CheckpointError (one-line messages) before anything is written.
-    `on_step(trainer)` is called after every optimizer step (tests use it).
+    `on_step(trainer)` is called after every optimizer step (tests use it). Under torchrun every rank calls this
+    (distributed.py); a rank that loses the others raises DistributedError (one line) and writes nothing more.
     """
+    world, device = join(cfg.device, cfg.ddp_backend, cfg.ddp_timeout)
+    try:
+        return train_ranks(cfg, world, device, on_step)
+    except Exception as exc:
+        if world.distributed and lost_contact(exc):
+            raise DistributedError(f"rank {world.rank} lost the other ranks ({str(exc).strip().splitlines()[0][:160]});"
+                                   f" stopping, nothing more is written") from None
+        raise
+    finally:
+        leave(world)
+
+
+def train_ranks(cfg: TrainConfig, world: World, device: torch.device | None, on_step=None) -> dict:
+    """`train` on this rank of `world` (the single world: one process), on `device` (None: pick as usual)."""
     plan = preflight(cfg)
-    device = pick_device(cfg.device)
+    sharding = plan_for(cfg)  # DDP or FSDP2; reads fsdp / deepspeed (and refuses what it cannot do) in any case
+    world.barrier()  # every rank has checked output_dir before rank 0 writes into it
+    device = device or pick_device(cfg.device)
     amp_dtype = pick_precision(device, cfg)
     from ..estimate import train_summary  # here, not at the top: lorakit.estimate imports lorakit.train
 
-    for line in train_summary(cfg, plan.records, device):  # lorakit estimate's plan, before the model loads
+    for line in train_summary(cfg, plan.records, device) if world.is_main else []:  # before the model loads
         say(f"lorakit train: {line}")
-    say(f"lorakit train: loading {plan.model_path} ...")
+    if world.is_main:
+        say(f"lorakit train: loading {plan.model_path} ...")
     model, tokenizer, _ = load_model(cfg.model_name_or_path, dtype="float32", device=device)
     replay = build_replay(cfg, plan.replay, model, tokenizer, plan.model_path, amp_dtype)  # before any LoRA
     data = prepare_data(cfg, plan.records, tokenizer, replay)
@@ -369,23 +446,28 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
         factors = estimate_lora_ga(model, lora_config_for(cfg, None), cfg, data.items, pad_id, device, amp_dtype,
                                    packed=data.packed, say=say)
     trainable = make_trainable(model, cfg, lora_ga_factors=factors)
+    if world.distributed:  # the same initial weights on every rank, then dropout masks of each rank's own
+        seed_everything(cfg.seed + world.rank)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model.config.use_cache = False
     model.train()
-    trainer = Trainer(cfg, trainable, tokenizer, data, device, amp_dtype)
+    trainer = Trainer(cfg, trainable, tokenizer, data, device, amp_dtype, world)
     reason = check_chunked_route(model, trainer.collate(trainer.epoch_order(0)[0])[0])
     trainer.chunked = reason is None
+    if world.distributed:
+        trainer.distribute(sharding)
     apply_model_levers(model, amp_dtype, packed=data.packed, lora=trainable.lora is not None)  # after the fp32 check
     if plan.resume:
         trainer.resume(plan.resume)
-    out = Path(cfg.output_dir)
-    if cfg.overwrite_output_dir and not plan.resume:
-        clear_previous_run(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_file(out / TRAINING_ARGS, cfg.to_yaml())
-    log = MetricsLog(out, resume_step=trainer.step if plan.resume else None)
-    describe_run(trainer, model, reason, plan.resume)
+    out, log = Path(cfg.output_dir), None
+    if world.is_main:
+        if cfg.overwrite_output_dir and not plan.resume:
+            clear_previous_run(out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_file(out / TRAINING_ARGS, cfg.to_yaml())
+        log = MetricsLog(out, resume_step=trainer.step if plan.resume else None)
+        describe_run(trainer, model, reason, plan.resume)
     status = trainer.run(log, on_step)
     if status == "interrupted":
         return {"status": "interrupted", "global_step": trainer.step}
@@ -406,18 +488,41 @@ def describe_run(trainer: Trainer, model, loss_reason: str | None, resume: Path 
     attention = "per example in packed rows (SDPA)" if attention == PACKED_ATTENTION else attention
     say(f"precision: {precision}; loss: {loss}; attention: {attention}; gradient checkpointing: {checkpointing}")
     epochs = f"{cfg.num_train_epochs:g} epochs x " if cfg.max_steps <= 0 else "max_steps; "
+    batch = trainer.schedule.global_micro_batch
+    batch = f"{batch} ({cfg.per_device_train_batch_size} per rank)" if trainer.world.distributed else batch
     say(f"steps: {trainer.schedule.total_steps} = {epochs}{trainer.per_epoch} steps/epoch ({trainer.n_batches} "
-        f"batches of {cfg.per_device_train_batch_size}, accumulation {cfg.gradient_accumulation_steps}); warmup "
+        f"batches of {batch}, accumulation {cfg.gradient_accumulation_steps}); warmup "
         f"{trainer.schedule.warmup_steps}; lr {cfg.learning_rate:g} {cfg.lr_scheduler_type}")
     if resume:
         say(f"resuming from {resume} at step {trainer.step} (epoch {trainer.epoch_float:.2f}, "
             f"{trainer.state.examples_consumed} {'rows' if trainer.data.packed else 'examples'} consumed)")
+    if trainer.world.distributed:
+        describe_ranks(trainer)
     say(f"output: {cfg.output_dir}")
 
 
+def describe_ranks(trainer: Trainer) -> None:
+    """World size, backend, global batch, DDP or FSDP2 (and what a deepspeed key mapped to), an uneven tail."""
+    cfg, world = trainer.cfg, trainer.world
+    say(world.describe(cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps))
+    plan = trainer.sharded.plan
+    say(plan.describe() + (f"; {plan.mapped}" if plan.mapped else ""))
+    tail = len(trainer.lengths) % (cfg.per_device_train_batch_size * world.size)
+    if tail:
+        shares = [rank_share(list(range(tail)), r, world.size) for r in range(world.size)]
+        sizes = [0 if padding else len(part) for part, padding in shares]
+        say(f"uneven tail: each epoch's last global micro-batch has {tail} items, split {sizes} over the ranks"
+            + ("; a rank with none trains on a padding item with weight 0 (nothing dropped)" if tail < world.size
+               else " (nothing padded or dropped)"))
+
+
 def finish(trainer: Trainer, out: Path) -> dict:
-    """Final adapter (or model) + tokenizer + results + plots into output_dir."""
-    ckpt.save_weights(trainer.trainable, out)
+    """Final adapter (or model) + tokenizer + results + plots into output_dir (rank 0; FSDP2's weights are
+    gathered to it first, every rank taking part)."""
+    weights = ckpt.gathered_weights(trainer.model) if trainer.fsdp else None
+    if not trainer.world.is_main:
+        return {"status": "completed", "global_step": trainer.step}
+    ckpt.save_weights(trainer.trainable, out, weights)
     trainer.tokenizer.save_pretrained(out)
     seconds = max(trainer.run_seconds, 1e-9)
     results = {"status": "completed", "global_step": trainer.step, "epoch": round(trainer.epoch_float, 4),
