@@ -25,14 +25,21 @@ NAME = "retention"
 # (name, the lever it moves, overrides of demo/train.yaml)
 BASE = ["learning_rate=3e-3", "num_train_epochs=5"]  # the first demo recipe; rank 16, all linear layers
 SELF = ["self_replay=true"]
+FAST = ["num_train_epochs=3", "per_device_train_batch_size=4"]  # as many updates as 6 epochs of 8, half the tokens
+SHORT = ["self_replay_max_new_tokens=32"]
 LEVERS = [  # in the order they run
     ("recipe-0", "the first demo recipe: lr 3e-3, 5 epochs, rank 16, all linear layers", BASE),
+    ("self-0.3-fast", "self-replay 30 % (answers <= 32 tokens), 3 epochs of batch 4",
+     ["learning_rate=3e-3", *FAST, *SELF, *SHORT, "replay_ratio=0.3"]),
+    ("self-0.5-fast", "self-replay 50 % (answers <= 32 tokens), 3 epochs of batch 4",
+     ["learning_rate=3e-3", *FAST, *SELF, *SHORT, "replay_ratio=0.5"]),
+    ("fast", "3 epochs of batch 4, no replay", ["learning_rate=3e-3", *FAST]),
+    ("epochs-3", "3 epochs", ["learning_rate=3e-3", "num_train_epochs=3"]),
+    ("lr-1e-3", "learning rate 1e-3", ["learning_rate=1e-3", "num_train_epochs=5"]),
     ("self-0.3-3ep", "self-replay 30 %, 3 epochs", ["learning_rate=3e-3", "num_train_epochs=3", *SELF,
                                                    "replay_ratio=0.3"]),
     ("self-0.5-3ep", "self-replay 50 %, 3 epochs", ["learning_rate=3e-3", "num_train_epochs=3", *SELF,
                                                    "replay_ratio=0.5"]),
-    ("epochs-3", "3 epochs", ["learning_rate=3e-3", "num_train_epochs=3"]),
-    ("lr-1e-3", "learning rate 1e-3", ["learning_rate=1e-3", "num_train_epochs=5"]),
     ("rank-4", "rank 4 (alpha 8)", BASE + ["lora_rank=4", "lora_alpha=8"]),
     ("attn-only", "LoRA on q, k, v, o only", BASE + ["lora_target=q_proj,k_proj,v_proj,o_proj"]),
     ("self-0.5", "self-replay 50 %, 5 epochs", BASE + SELF + ["replay_ratio=0.5"]),
@@ -46,6 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", help="comma-separated lever names")
     p.add_argument("--work", default=str(common.ROOT / "saves" / "bench-retention"), help="adapters go here")
+    p.add_argument("--reuse", action="store_true", help="score an adapter already trained in --work, do not retrain")
     return p.parse_args(argv)
 
 
@@ -92,10 +100,15 @@ def run_lever(name: str, overrides: list[str], args, model, tokenizer, items, ba
     cfg, _ = load_config(demo.CONFIG, overrides + [f"output_dir={out}", "plot_loss=false"])
     cfg.dataset_dir = str(demo.ROOT / cfg.dataset_dir)
     start = time.perf_counter()
-    results = train(cfg)
+    done = out / "train_results.json"
+    if args.reuse and done.is_file():  # trained by an earlier run of this script: score it only
+        results = json.loads(done.read_text())
+    else:
+        results = train(cfg)
     trained = time.perf_counter() - start
-    lora = LoraModel.from_pretrained(model, out, adapter_name=name)
-    row = score_adapter(lora, tokenizer, name, items, cfg, base_answers, probes, bound, stop)
+    adapter = name.replace(".", "_").replace("-", "_")  # a module name: no dots
+    lora = LoraModel.from_pretrained(model, out, adapter_name=adapter)
+    row = score_adapter(lora, tokenizer, adapter, items, cfg, base_answers, probes, bound, stop)
     lora.unload()
     return {"name": name, "overrides": overrides, **row, "steps": results.get("global_step"),
             "train_runtime_s": results.get("train_runtime"), "train_seconds_with_setup": round(trained, 1),

@@ -77,19 +77,25 @@ def self_replay_config(tmp_path, **extra) -> TrainConfig:
                        output_dir=str(tmp_path / "runs" / "out"), **extra)
 
 
-def test_self_replay_is_deterministic_and_keeps_finished_answers(stopping_base, tmp_path):
+def test_self_replay_is_deterministic(stopping_base, tmp_path):
     model, tokenizer, path = stopping_base
     source = sr.ReplaySource(prompts=[[{"role": "user", "content": q}] for q in QUESTIONS], name="test prompts")
     first = sr.build_replay(self_replay_config(tmp_path / "a"), source, model, tokenizer, path, None)
     second = sr.build_replay(self_replay_config(tmp_path / "b"), source, model, tokenizer, path, None)
     assert first.records == second.records  # two fresh generations (separate caches), the same answers
-    assert 0 < len(first.records) < len(QUESTIONS)  # the unfinished answers are left out
+    assert 0 < len(first.records) <= len(QUESTIONS)
     template = get_template(None, tokenizer)
     for record in first.records:
         prompt, answer = record["messages"][:-1], record["messages"][-1]
         assert prompt[0]["content"] in QUESTIONS and answer["role"] == "assistant" and answer["content"]
         assert len(tokenizer(answer["content"])["input_ids"]) < 12
-    assert "ended within 12 tokens" in first.source and len(template.prompt_ids(prompt)) > 0
+    assert "kept (whole sentences within 12 tokens)" in first.source and len(template.prompt_ids(prompt)) > 0
+
+
+def test_an_unfinished_answer_keeps_its_whole_sentences():
+    assert sr.whole_sentences("To add 10 and 15, we count on. It is 25. Then we check that") == \
+        "To add 10 and 15, we count on. It is 25."
+    assert sr.whole_sentences("It costs 2.5 euros and") == "" and sr.whole_sentences("Yes! Sure?\nNo") == "Yes! Sure?"
 
 
 def test_self_replay_is_cached_beside_the_output_and_keyed(stopping_base, tmp_path, monkeypatch):

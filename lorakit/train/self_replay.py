@@ -3,7 +3,8 @@
 Self-replay needs no outside data: what the base model already says to general prompts is what the adapter should
 keep saying. Before training, the base (no adapter yet) answers every prompt greedily under the run's chat template,
 in batches of similar prompt length, at most `self_replay_max_new_tokens` tokens each; an answer that had not ended
-by then is dropped (a cut reply would teach the model to stop mid-sentence). The pool is cached as JSON in
+by then is cut after its last complete sentence (a reply cut mid-sentence would teach the model to stop there), or
+dropped when it has none. The pool is cached as JSON in
 `<parent of output_dir>/.lorakit-replay/<key>.json`, where the key is a SHA-256 of the base model (its directory
 and the size and mtime of each weight file), the prompts, the template (its name and, for the tokenizer's own, its
 Jinja text), the token limit and the autocast dtype; a later run with the same key reads the file and generates
@@ -17,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -29,7 +31,7 @@ from ..data.replay import SELF_REPLAY_PROMPTS, Replay, prompts_of, shipped_promp
 from .config import TrainConfig
 
 CACHE_DIR = ".lorakit-replay"
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 BATCH_SIZE = 32
 
 
@@ -81,17 +83,17 @@ def build_replay(cfg: TrainConfig, source: ReplaySource | None, model, tokenizer
         how = f"generated in {time.perf_counter() - start:.0f} s, cached in {path}"
     records = cached["records"]
     if not records:
-        raise DataError(f"self_replay: none of the base model's {cached['prompts']} answers ended within "
-                        f"self_replay_max_new_tokens={cfg.self_replay_max_new_tokens} tokens; raise it")
+        raise DataError(f"self_replay: none of the base model's {cached['prompts']} answers holds a whole sentence "
+                        f"within self_replay_max_new_tokens={cfg.self_replay_max_new_tokens} tokens; raise it")
     return Replay(records, f"self-replay: the base model's greedy answers to {cached['prompts']} prompts of "
-                           f"{source.name}; {len(records)} ended within {cfg.self_replay_max_new_tokens} tokens "
+                           f"{source.name}; {len(records)} kept (whole sentences within {cfg.self_replay_max_new_tokens} tokens) "
                            f"({how})")
 
 
 def answer_prompts(model, tokenizer, template, prompts: list[list[dict]], max_new_tokens: int,
                    amp_dtype: torch.dtype | None, batch_size: int = BATCH_SIZE) -> list[dict]:
-    """Greedy answers as records {"messages": prompt + [assistant answer]}, in prompt order, unfinished ones left
-    out."""
+    """Greedy answers as records {"messages": prompt + [assistant answer]}, in prompt order; an unfinished one is
+    cut after its last complete sentence (`whole_sentences`) or left out."""
     from ..chat import stop_token_ids
     from ..generation import Sampling, generate
 
@@ -113,9 +115,16 @@ def answer_prompts(model, tokenizer, template, prompts: list[list[dict]], max_ne
     records = []
     for i, prompt in enumerate(prompts):
         text = tokenizer.decode(answers[i], skip_special_tokens=True).strip()
-        if len(answers[i]) < max_new_tokens and text:
+        text = text if len(answers[i]) < max_new_tokens else whole_sentences(text)
+        if text:
             records.append({"messages": prompt + [{"role": "assistant", "content": text}]})
     return records
+
+
+def whole_sentences(text: str) -> str:
+    """`text` up to and including its last sentence end (. ! ? followed by a space or a line break); "" if none."""
+    ends = [m.end() for m in re.finditer(r"[.!?](?=\s)", text)]
+    return text[:ends[-1]].strip() if ends else ""
 
 
 def cache_key(model_path: Path, prompts: list[list[dict]], template_id: str, max_new_tokens: int,
