@@ -119,7 +119,7 @@ def test_estimation_trains_nothing_and_restores_the_model():
 
 
 def test_lora_ga_errors_are_one_line():
-    model, tokens = make_model("llama"), _tokens()
+    model = make_model("llama")
     config = LoraConfig(r=2, target_modules=["v_proj"], init_lora_weights="lora_ga")
     with pytest.raises(ValueError, match="needs the gradient factors of every target layer"):
         get_lora_model(model, config)

@@ -8,6 +8,7 @@ from .model import LoraModel, get_lora_model
 from .state import get_peft_model_state_dict, set_peft_model_state_dict
 
 __all__ = [
-    "AdaLoraConfig", "RankAllocator", "orthogonal_penalty", "LoraConfig", "LoraGAConfig", "GradientFactors", "gradient_factors", "LoraModel", "get_lora_model", "LoraLayer",
+    "AdaLoraConfig", "RankAllocator", "orthogonal_penalty", "LoraConfig", "LoraGAConfig", "GradientFactors",
+    "gradient_factors", "LoraModel", "get_lora_model", "LoraLayer",
     "LoraLinear", "LoraEmbedding", "ModulesToSave", "get_peft_model_state_dict", "set_peft_model_state_dict",
 ]

@@ -4,8 +4,8 @@ Neither changes a number; both only save work. Their invariants (tests/test_fast
 
 1. `plain_inference` computes exactly the training formula  y = W0 x + b + scaling * B (A x)  at the dtype it runs
    in. It applies only where that formula has no other term: gradients off, a plain `nn.Linear` base (not Conv1D,
-   not quantized), a plain adapter (not DoRA, not AdaLoRA), no dropout that would act (identity, or the module in eval mode), x, W0 and
-   the adapter in one dtype, autocast off (`applies` says so).
+   not quantized), a plain adapter (not DoRA, not AdaLoRA), no dropout that would act (identity, or the module in
+   eval mode), x, W0 and the adapter in one dtype, autocast off (`applies` says so).
 2. Nothing is cached between calls: the parameters are read at every call, so a weight changed in place,
    re-assigned, quantized or dequantized is seen at the next token.
 3. `autocast_input(x, dtype)` returns one cast of x for all projections that read the same x (q, k, v read one

@@ -59,7 +59,8 @@ def init_principal(weight: torch.Tensor, mode: str, r: int, scaling: float) -> t
     return lora_A, lora_B, residual
 
 
-def init_lora_ga(factors, weight: torch.Tensor, r: int, scaling: float, cfg) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def init_lora_ga(factors, weight: torch.Tensor, r: int, scaling: float,
+                 cfg) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """LoRA-GA (lora/loraga.py has the formulas): (A0 (r, in), B0 (out, r), W_res (out, in)) in fp32 for an oriented
     (out, in) weight, from `factors` (loraga.GradientFactors: the gradient's top-2r SVD) and a LoraGAConfig."""
     u, s, vh = factors.u, factors.s, factors.vh  # (out, 2r), (2r,), (2r, in)

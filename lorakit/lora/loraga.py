@@ -19,10 +19,11 @@ J = first r; ArBr: I odd, J even; random. `scale` picks c_A, c_B:
     gd_scale    A0 = V_I^T / s, B0 = U_J S_J / s (PEFT's)
     unit        A0 = V_I^T, B0 = U_J S_J        (PEFT's)
 
-(The initialiser itself is `init.init_lora_ga`.) The gradients are estimated with the base frozen (only the target weights take gradients). What it holds: over the
-batches before the last, the accumulated gradient of every target weight (one fp32 copy of those weights); during
-the last batch each layer is reduced to its top-2r SVD as soon as its gradient is complete and the gradient is
-freed, so with one batch the peak is one layer's gradient beyond the training forward/backward.
+(The initialiser itself is `init.init_lora_ga`.) The gradients are estimated with the base frozen (only the target
+weights take gradients). What it holds: over the batches before the last, the accumulated gradient of every target
+weight (one fp32 copy of those weights); during the last batch each layer is reduced to its top-2r SVD as soon as
+its gradient is complete and the gradient is freed, so with one batch the peak is one layer's gradient beyond the
+training forward/backward.
 """
 
 from __future__ import annotations

@@ -25,10 +25,11 @@ DoRA's magnitude rescales the whole weight and a module copy replaces a whole mo
 How a layer learns the routing: `LoraModel.forward/generate(..., adapter_names=...)` builds one `Routing` (each
 row's slot and weights, and every LoRA layer's stacks) and makes it current for the duration of that call
 (`routed`); a LoRA layer's forward reads `current_routing()`. Nothing is set on the layers. The stacks hold every
-per-row adapter the LoraModel has, in load order (N above is that count), and come from a `StackCache` the LoraModel
-holds: checked against the adapters' weights (version counters) once per call and rebuilt only when adapters are
-added, removed or changed, not when a batch's mix of adapters does (a server's batches change every step). With gradients on, the stacks are built from the parameters in the graph instead (not cached), so the
-LoRA parameters get gradients; training mode is refused by LoraModel (no dropout runs on this path).
+per-row adapter the LoraModel has, in load order (N above is that count), and come from a `StackCache` the
+LoraModel holds: checked against the adapters' weights (version counters) once per call and rebuilt only when
+adapters are added, removed or changed, not when a batch's mix of adapters does (a server's batches change every
+step). With gradients on, the stacks are built from the parameters in the graph instead (not cached), so the LoRA
+parameters get gradients; training mode is refused by LoraModel (no dropout runs on this path).
 `disable_adapter()` wins over the routing: a disabled layer gives the base output for every row.
 """
 

@@ -39,6 +39,7 @@ def estimate_lora_ga(model: nn.Module, lora_config: LoraConfig, cfg: TrainConfig
     held = sum(m.weight.numel() * 4 for key, m in model.named_modules() if key in factors)
     say(f"lorakit train: LoRA-GA: gradients of {len(factors)} layers from {len(order)} batches in "
         f"{time.perf_counter() - t0:.1f} s (held: {held / 2**20:,.0f} MiB of fp32 gradients"
-        f"{' across batches' if len(order) > 1 else ', one layer at a time'}); A and B start on them, the base is offset so step 0 is unchanged. LoRA-GA wants a learning rate "
+        f"{' across batches' if len(order) > 1 else ', one layer at a time'}); A and B start on them, the base is "
+        f"offset so step 0 is unchanged. LoRA-GA wants a learning rate "
         f"near full fine-tuning's, with use_rslora")
     return factors
