@@ -169,18 +169,6 @@ class TrainConfig:
     self_replay_max_new_tokens: int = 64
     """self_replay: longest generated answer in tokens; one not finished by then is cut after its last whole
     sentence (left out when it has none)."""
-    replay_dataset: str | None = None
-    """General data mixed into every epoch so the adapter keeps what the base model knew: any data set `dataset`
-    accepts (names in dataset_dir/dataset_info.json or files). With self_replay, only its prompts are used."""
-    replay_ratio: float = 0.0
-    """Share of each epoch's training examples that are replay rows, in [0, 1): round(n_task * r / (1 - r)) rows,
-    drawn once (seeded; the pool repeats when smaller) and shuffled in with the task rows every epoch. 0 is off."""
-    self_replay: bool = False
-    """Replay the base model's own greedy answers: to the prompts of replay_dataset, else to lorakit's shipped
-    general prompts (none of them a retention probe). Generated once before training, cached beside output_dir
-    (.lorakit-replay/)."""
-    self_replay_max_new_tokens: int = 64
-    """self_replay: longest generated answer in tokens; answers not finished by then are left out."""
 
     # --- output
     output_dir: str = "saves/lorakit"
