@@ -49,7 +49,10 @@ def row_specs(args: argparse.Namespace) -> list[dict]:
     for data in (["synthetic"] if args.smoke else args.data.split(",")):
         for precision in args.precisions.split(","):
             for rep in range(args.repeats):
-                order = ("peft", "lorakit") if rep % 2 == 0 else ("lorakit", "peft")
+                # bf16: PEFT on a bf16-loaded base (LLaMA-Factory) and on an fp32 base under autocast; the faster
+                # of the two is the reference
+                impls = ("peft", "peft_fp32base", "lorakit") if precision == "bf16" else ("peft", "lorakit")
+                order = impls if rep % 2 == 0 else impls[::-1]
                 specs += [{**base, "data": data, "precision": precision, "impl": impl, "repeat": rep}
                           for impl in order]
     return specs
@@ -80,7 +83,11 @@ def summarise(results: list[dict], peaks: dict) -> tuple[list[dict], str]:
         rows.append(row)
     by_key = {(r["data"], r["precision"], r["impl"]): r for r in rows}
     for r in rows:
-        ref = by_key.get((r["data"], r["precision"], "peft"))
+        refs = [by_key.get((r["data"], r["precision"], impl)) for impl in ("peft", "peft_fp32base")]
+        refs = [x for x in refs if x and "error" not in x]
+        ref = max(refs, key=lambda x: x["tokens_per_s"]) if refs else None  # the faster reference
+        if ref is not None:
+            r["reference"] = ref["impl"]
         if r["impl"] == "lorakit" and ref and "error" not in r and "error" not in ref:
             r["speedup"] = r["tokens_per_s"] / ref["tokens_per_s"]
             r["rss_ratio"] = r["peak_rss_mb"] / ref["peak_rss_mb"]
@@ -95,7 +102,10 @@ def summarise(results: list[dict], peaks: dict) -> tuple[list[dict], str]:
         if "error" in r:
             lines.append([r["data"], r["precision"], r["impl"], r["error"][:80]] + [None] * 6)
             continue
-        name = "lorakit" if r["impl"] == "lorakit" else "PEFT + transformers"
+        name = {"lorakit": "lorakit", "peft": "PEFT + transformers",
+                "peft_fp32base": "PEFT + transformers, fp32 base under autocast"}[r["impl"]]
+        if r["impl"] == "lorakit" and r["precision"] == "bf16" and "reference" in r:
+            name += " (vs PEFT's " + ("fp32-base" if r["reference"] == "peft_fp32base" else "bf16-base") + " row)"
         lines.append([r["data"], r["precision"], name, r["tokens_per_s"],
                       f"{r['speedup']:.2f}x" if "speedup" in r else None, r[memory],
                       f"{r[ratio]:.2f}x" if ratio in r else None, r["first_step_s"],

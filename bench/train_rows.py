@@ -223,7 +223,7 @@ def run(spec: dict, t_start: float) -> dict:
     train_ex, eval_ex = split(examples, per_step * steps, spec["eval_examples"])
     if spec["impl"] == "peft" and spec["precision"] == "bf16":
         model.to(torch.bfloat16)  # LLaMA-Factory loads the model in its compute dtype; PEFT keeps adapters fp32
-    impl = (PeftImpl if spec["impl"] == "peft" else LorakitImpl)(model, tokenizer, spec)
+    impl = (LorakitImpl if spec["impl"] == "lorakit" else PeftImpl)(model, tokenizer, spec)  # peft, peft_fp32base
     seed_lora_weights(impl.model)
     amp = torch.bfloat16 if spec["precision"] == "bf16" else None
     if spec["impl"] == "lorakit" and amp is not None and spec.get("bf16_base", True):
