@@ -13,14 +13,17 @@
 - trained weights: LoRA A (r x in) and B (out x r) per target, fp32 (+ the magnitude row for DoRA, + full copies
   of `additional_target` modules); full / freeze: the parameters that train, fp32.
 - gradients: 4 B per trained parameter. Optimizer: AdamW 8 B (two fp32 moments); 8-bit AdamW 2 B (tensors under
-  4,096 values keep fp32 moments, as bitsandbytes does).
+  4,096 values keep fp32 moments, as bitsandbytes does). For full / freeze the gradients grow while the backward
+  frees the activations (they are set to None after each step), so only what exceeds activations + temporary
+  adds to the peak; LoRA's gradients are too small to matter.
 - activations: what autograd keeps for the backward of the largest micro-batch (or, on a CPU, piece of one): per
   token and decoder layer (a = 2 B under bf16 autocast, else 4; H hidden, I intermediate, q = heads x head_dim,
   kv = kv heads x head_dim, n heads)
       norms 2 (4H + 4)   attention (2q + 2kv) a + 4n   MLP 3 I a
       inputs kept for LoRA A: H a (q/k/v share one), H a (gate/up), I a (down), o_proj shares the attention output
       LoRA A outputs r a per target;  layers whose weights train: (2H + I) a + 2 x 4H (norm outputs) (+ 3H x 2 B
-      under autocast)
+      under autocast);  a quantized base under autocast: an input copy per linear (sum of in_features) a and
+      the MLP's three tensors in fp32 (3 I x 4; measured with bitsandbytes' layers)
   only for the layers the backward passes through (freeze: from the first trained layer on); with gradient
   checkpointing 4H per layer plus one layer recomputed. After the layers: the final norm and the head's
   gradient rows (4H per label token), and for a trained head its (V x H) fp32 gradient.
@@ -152,6 +155,9 @@ def layer_bytes_per_token(shape: ModelShape, cfg: TrainConfig, run: Training, la
         inputs = (2 * h + i) * a + (3 * h * 2 if amp else 0) + (2 * 4 * h if run.trains_norms else 0)
         return norms + attention + mlp + inputs
     mine = [(n, io) for n, io in run.targets.items() if _layer_index(n) == layer]
+    if cfg.quantization_bit and amp:  # a 4/8-bit base under autocast keeps its own input copy per linear, fp32 MLP
+        inputs = sum(m.in_features for m in shape.linears if m.layer == layer) * a
+        return norms + attention + 3 * i * 4 + inputs + len(mine) * cfg.lora_rank * a
     short = {n.rsplit(".", 1)[-1] for n, _ in mine}
     inputs = (h * a if short & set(QKV) else 0) + (h * a if short & set(GATE_UP) else 0)
     inputs += i * a if "down_proj" in short else 0
@@ -220,6 +226,8 @@ def memory(shape: ModelShape, cfg: TrainConfig, run: Training, work: Workload, a
     if device.kind == "cpu" and cfg.gradient_checkpointing:  # the layers recomputed one by one in the backward
         parts["activations"] += CPU_RECOMPUTE_HEAP * activation_bytes(shape, cfg, run, work, amp, device, False)
     parts["temporary"] = temporary_bytes(shape, run, work, amp, bucket)
+    if not run.targets:  # full / freeze: the gradients fill what the backward frees (set to None after each step)
+        parts["gradients"] = max(0.0, parts["gradients"] - parts["activations"] - parts["temporary"])
     load = parts["process"] + 4 * shape.params
     if amp and run.targets and not cfg.quantization_bit and device.kind == "cpu":
         load += 2 * sum(io[0] * io[1] for io in run.targets.values())  # bf16 copies made while the fp32 pages stay
