@@ -81,7 +81,8 @@ def _saved_bytes(model, batch, amp) -> int:
 @pytest.mark.parametrize("keys", [{"finetuning_type": "lora"}, {"finetuning_type": "lora", "lora_rank": 16},
                                   {"finetuning_type": "lora", "bf16": True},
                                   {"finetuning_type": "lora", "lora_target": "q_proj,v_proj"},
-                                  {"finetuning_type": "freeze", "freeze_trainable_layers": 1}])
+                                  {"finetuning_type": "freeze", "freeze_trainable_layers": 1},
+                                  {"finetuning_type": "qlora", "bf16": True}])
 def test_activation_formula_matches_what_autograd_keeps(tiny, keys):
     """The per-token formula against the tensors saved by a real forward of the trainer's loss on a tiny Llama."""
     from lorakit.models import load_model
