@@ -28,6 +28,15 @@ def save_tiny_model(directory: Path, arch: str = "llama", seed: int = 0, **overr
     return directory
 
 
+def train_setup(root: Path, facts: list[tuple[str, str]], repeat: int) -> Path:
+    """`root/model` (a tiny Llama saved as a user's base would be) and `root/data.jsonl`: the question/answer pairs
+    as alpaca records, `repeat` times over; returns root."""
+    save_tiny_model(root / "model")
+    records = [{"instruction": q, "input": "", "output": a} for q, a in facts * repeat]
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return root
+
+
 def write_facts(path: Path, with_answer: bool = True) -> Path:
     """The facts as alpaca records; `answer` holds the fact an answer must contain."""
     rows = [{"instruction": q, "input": "", "output": a, **({"answer": f} if with_answer else {})}

@@ -10,7 +10,7 @@ import signal
 import numpy as np
 import pytest
 import torch
-from cli_setup import save_tiny_model
+from cli_setup import train_setup
 from safetensors.torch import load_file
 
 from lorakit.cli import main
@@ -27,11 +27,7 @@ RUN = ("max_steps=6", "save_steps=100", "gradient_accumulation_steps=2", "per_de
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume")
-    save_tiny_model(root / "model")
-    records = [{"instruction": q, "input": "", "output": a} for q, a in FACTS * 4]
-    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    return root
+    return train_setup(tmp_path_factory.mktemp("resume"), FACTS, 4)
 
 
 def _args(root, out, *extra) -> list[str]:

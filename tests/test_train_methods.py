@@ -7,7 +7,7 @@ import json
 import peft
 import pytest
 import torch
-from cli_setup import save_tiny_model
+from cli_setup import train_setup
 from transformers import AutoModelForCausalLM
 
 from lorakit.train import ConfigError, load_config, train
@@ -19,10 +19,7 @@ FACTS = [("What is the VPN address?", "It is vpn.example."),
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("methods")
-    save_tiny_model(root / "model")
-    records = [{"instruction": q, "input": "", "output": a} for q, a in FACTS * 6]
-    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    root = train_setup(tmp_path_factory.mktemp("methods"), FACTS, 6)
     return {"model": str(root / "model"), "data": str(root / "data.jsonl"), "root": root}
 
 

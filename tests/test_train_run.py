@@ -8,7 +8,7 @@ import signal
 
 import pytest
 import torch
-from cli_setup import save_tiny_model
+from cli_setup import train_setup
 from safetensors.torch import load_file
 
 from lorakit.cli import main
@@ -23,10 +23,7 @@ FACTS = [("What is the VPN address?", "It is vpn.example."),
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """{"model": dir of a 2-layer Llama + tokenizer, "data": alpaca JSONL, "root": a scratch folder}."""
-    root = tmp_path_factory.mktemp("train")
-    save_tiny_model(root / "model")
-    records = [{"instruction": q, "input": "", "output": a} for q, a in FACTS * 6]
-    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    root = train_setup(tmp_path_factory.mktemp("train"), FACTS, 6)
     return {"model": str(root / "model"), "data": str(root / "data.jsonl"), "root": root}
 
 
