@@ -11,6 +11,7 @@ LORAKIT_DEBUG=1 for the traceback. Ctrl-C exits with status 130 (during training
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 
@@ -40,7 +41,8 @@ def run_train(args: list[str]) -> int:
         if wants_launch():  # NPROC_PER_NODE / FORCE_TORCHRUN: check once here, then run every rank via torchrun
             from .train.prepare import preflight
 
-            preflight(config)
+            if os.environ.get("NODE_RANK", "0") == "0":  # another node may find node 0's rank 0 already writing
+                preflight(config)
             return launch(args)
         return 130 if train(config).get("status") == "interrupted" else 0
 

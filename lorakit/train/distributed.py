@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -152,6 +153,13 @@ def lost_contact(exc: BaseException) -> bool:
     return isinstance(exc, (dist.DistBackendError, dist.DistNetworkError)) or (
         isinstance(exc, RuntimeError) and any(w in str(exc) for w in ("Connection closed", "Timed out", "timeout",
                                                                       "Connection reset", "Broken pipe")))
+
+
+def reason(exc: BaseException, limit: int = 120) -> str:
+    """The first line of a collective's error, without gloo's source-file prefix."""
+    line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    line = re.sub(r"^\[[^\]]*\]\s*", "", line)
+    return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
 # ---------------------------------------------------------------- the launch

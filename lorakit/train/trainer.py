@@ -44,7 +44,7 @@ from ..models import load_model
 from . import checkpoint as ckpt
 from .attention import NAME as PACKED_ATTENTION
 from .config import TrainConfig
-from .distributed import DistributedError, World, join, leave, lost_contact
+from .distributed import DistributedError, World, join, leave, lost_contact, reason
 from .cpu_levers import CPU_PIECE_TOKENS, CPU_SPLIT_ABOVE, apply_model_levers, row_pieces, token_rounding
 from .loss import IGNORE_INDEX, causal_lm_loss, check_chunked_route, shifted_targets
 from .loraga_init import estimate_lora_ga
@@ -329,9 +329,10 @@ class Trainer:
                     raise
                 interrupt.requested = True  # one that did not come through the handler (e.g. not the main thread)
                 self.optimizer.zero_grad(set_to_none=True)
+            finally:
+                bar.close()  # before any error is printed
             if interrupt.requested and alone:
                 status = "interrupted"
-        bar.close()
         if status == "interrupted":
             if self.step > 0:
                 saved = self.save_checkpoint()  # every rank: the gathers
@@ -416,8 +417,8 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
         return train_ranks(cfg, world, device, on_step)
     except Exception as exc:
         if world.distributed and lost_contact(exc):
-            raise DistributedError(f"rank {world.rank} lost the other ranks ({str(exc).strip().splitlines()[0][:160]});"
-                                   f" stopping, nothing more is written") from None
+            raise DistributedError(f"rank {world.rank} lost the other ranks ({reason(exc)}); stopping, nothing more "
+                                   f"is written") from None
         raise
     finally:
         leave(world)
@@ -511,7 +512,7 @@ def describe_ranks(trainer: Trainer) -> None:
     if tail:
         shares = [rank_share(list(range(tail)), r, world.size) for r in range(world.size)]
         sizes = [0 if padding else len(part) for part, padding in shares]
-        say(f"uneven tail: each epoch's last global micro-batch has {tail} items, split {sizes} over the ranks"
+        say(f"uneven tail: each epoch's last global micro-batch has {tail} item{'s' if tail > 1 else ''}, split {sizes} over the ranks"
             + ("; a rank with none trains on a padding item with weight 0 (nothing dropped)" if tail < world.size
                else " (nothing padded or dropped)"))
 
