@@ -186,7 +186,7 @@ def launch_command(argv: list[str], environ: dict | None = None) -> list[str]:
     nproc = env.get("NPROC_PER_NODE") or str(max(torch.cuda.device_count(), 1))
     addr = env.get("MASTER_ADDR", "127.0.0.1")
     port = env.get("MASTER_PORT") or str(free_port())
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", nproc]
+    cmd = [sys.executable, "-m", "lorakit.train.distributed", "--nproc_per_node", nproc]  # torchrun, see below
     if env.get("RDZV_ID"):  # elastic: a range of nodes meeting at a c10d rendezvous
         nnodes = f"{env.get('MIN_NNODES', '1')}:{env.get('MAX_NNODES', env.get('MIN_NNODES', '1'))}"
         cmd += ["--nnodes", nnodes, "--rdzv_id", env["RDZV_ID"], "--rdzv_backend", "c10d",
@@ -203,7 +203,7 @@ def launch(argv: list[str]) -> int:
     Ctrl-C reaches torchrun, which passes one SIGINT to every worker (they run in sessions of their own): each
     rank stops after the same step, rank 0 writes one checkpoint, all exit 130. This process only waits."""
     cmd = launch_command(argv)
-    print(f"lorakit train: launching {' '.join(cmd[1:4])} " + " ".join(cmd[4:cmd.index('-m', 4)]), file=sys.stderr,
+    print("lorakit train: launching torch.distributed.run " + " ".join(cmd[3:cmd.index("-m", 3)]), file=sys.stderr,
           flush=True)
     env = {**os.environ, "LORAKIT_LAUNCHED": "1"}
     env.setdefault("OMP_NUM_THREADS", "1")  # threads are set per rank (cores / local ranks); quiets torchrun
@@ -215,3 +215,28 @@ def launch(argv: list[str]) -> int:
     finally:
         signal.signal(signal.SIGINT, previous)
     return 130 if code != 0 and (interrupted or code in (130, -signal.SIGINT)) else code
+
+
+def run_torchrun(args: list[str]) -> int:
+    """torch.distributed.run's main on `args` (what `launch` runs): a Ctrl-C it passed on to the workers ends as
+    exit 130, and a failed worker as one line naming its rank, instead of torchrun's tracebacks."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main
+
+    try:
+        main(args)
+    except SignalException as exc:
+        return 130 if exc.sigval == signal.SIGINT else 128 + int(exc.sigval)
+    except ChildFailedError as exc:
+        rank, failure = min(exc.failures.items())
+        code = failure.exitcode
+        how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+        print(f"lorakit train: error: rank {rank} ended with {how}; torchrun stopped the other ranks of this node",
+              file=sys.stderr)
+        return 130 if code == 130 else 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_torchrun(sys.argv[1:]))

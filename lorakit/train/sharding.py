@@ -131,8 +131,9 @@ class Sharded:
 def shard(trainable: Trainable, plan: Plan, world: World, device: torch.device, find_unused: bool) -> Sharded:
     """Wrap the trainable model for `plan` (the optimizer must be made afterwards, over the parameters it left).
 
-    DDP broadcasts nothing in the forward (forward_sync_buffers off, no init sync: the buffers are rotary tables every rank computes
-    alike), so ranks may run different numbers of forward passes per micro-batch; only the backward syncs."""
+    DDP broadcasts nothing in the forward (forward_sync_buffers off, no init sync: the buffers are rotary tables
+    every rank computes alike), so ranks may run different numbers of forward passes per micro-batch; only the
+    backward syncs."""
     root = LossForward(trainable.model)
     if plan.mode == "ddp":
         check_same_weights(trainable, world)

@@ -512,7 +512,8 @@ def describe_ranks(trainer: Trainer) -> None:
     if tail:
         shares = [rank_share(list(range(tail)), r, world.size) for r in range(world.size)]
         sizes = [0 if padding else len(part) for part, padding in shares]
-        say(f"uneven tail: each epoch's last global micro-batch has {tail} item{'s' if tail > 1 else ''}, split {sizes} over the ranks"
+        items = f"{tail} item{'s' if tail > 1 else ''}"
+        say(f"uneven tail: each epoch's last global micro-batch has {items}, split {sizes} over the ranks"
             + ("; a rank with none trains on a padding item with weight 0 (nothing dropped)" if tail < world.size
                else " (nothing padded or dropped)"))
 
