@@ -144,12 +144,14 @@ def test_resume_two_ranks_to_one(tiny, lora_one, lora_two):
     _same(two_to_one, lora_one)
 
 
-def test_freeze_and_fsdp2_full_on_two_ranks_equal_one_process(tiny):
-    for kind, name in (("freeze", "model.safetensors"), ("full", "model.safetensors")):
+def test_freeze_qlora_and_fsdp2_full_on_two_ranks_equal_one_process(tiny):
+    kinds = {"freeze": ("model.safetensors", "finetuning_type=freeze", "gradient_checkpointing=true"),
+             "qlora": ("adapter_model.safetensors", "quantization_bit=4", "quantization_method=lorakit"),
+             "full": ("model.safetensors", "finetuning_type=full")}
+    for kind, (name, *keys) in kinds.items():
         one, two = tiny / f"{kind}1", tiny / f"{kind}2"
-        _one(tiny, one, "per_device_train_batch_size=4", f"finetuning_type={kind}", "learning_rate=1e-3")
-        procs = _ranks(_args(tiny, two, "per_device_train_batch_size=2", f"finetuning_type={kind}",
-                             "learning_rate=1e-3"))
+        _one(tiny, one, "per_device_train_batch_size=4", "learning_rate=1e-3", *keys)
+        procs = _ranks(_args(tiny, two, "per_device_train_batch_size=2", "learning_rate=1e-3", *keys))
         logs = [p.communicate(timeout=TIMEOUT)[1] for p in procs]
         assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
         assert ("sharding: FSDP2 full shard" if kind == "full" else "sharding: DDP") in logs[0]
