@@ -33,6 +33,10 @@ LEVERS = [  # in the order they run
      ["learning_rate=3e-3", *FAST, *SELF, *SHORT, "replay_ratio=0.3"]),
     ("self-0.5-fast", "self-replay 50 % (answers <= 32 tokens), 3 epochs of batch 4",
      ["learning_rate=3e-3", *FAST, *SELF, *SHORT, "replay_ratio=0.5"]),
+    ("self-0.5-fast-cut48", "self-replay 50 % (answers <= 48 tokens, cut after the last whole sentence), 3 epochs of "
+     "batch 4", ["learning_rate=3e-3", *FAST, *SELF, "self_replay_max_new_tokens=48", "replay_ratio=0.5"]),
+    ("self-0.7-fast-cut48", "self-replay 70 % (answers <= 48 tokens, cut after the last whole sentence), 3 epochs of "
+     "batch 4", ["learning_rate=3e-3", *FAST, *SELF, "self_replay_max_new_tokens=48", "replay_ratio=0.7"]),
     ("fast", "3 epochs of batch 4, no replay", ["learning_rate=3e-3", *FAST]),
     ("epochs-3", "3 epochs", ["learning_rate=3e-3", "num_train_epochs=3"]),
     ("lr-1e-3", "learning rate 1e-3", ["learning_rate=1e-3", "num_train_epochs=5"]),

@@ -14,8 +14,9 @@ def test_demo_runs_and_reports_before_and_after(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(demo, "load_probes", lambda: probes[:8])
     model_dir = save_tiny_model(tmp_path / "base")
     out = tmp_path / "adapter"
+    # self-replay is tested in test_replay.py: a random tiny base rarely ends a sentence
     status = demo.main([f"model_name_or_path={model_dir}", f"output_dir={out}", "max_steps=2",
-                        "per_device_train_batch_size=4", "plot_loss=false"])
+                        "per_device_train_batch_size=4", "plot_loss=false", "self_replay=false", "replay_ratio=0"])
     assert status == 0
     printed = capsys.readouterr().out
     assert "held-out score (answer contains the fact)" in printed
@@ -33,3 +34,4 @@ def test_demo_config_is_valid():
 
     config, ignored = load_config(demo.CONFIG, [])
     assert not ignored and config.dataset == "kb_train" and config.model_name_or_path is None
+    assert config.self_replay and 0 < config.replay_ratio < 1  # the demo keeps what the base knew (issue 17)
