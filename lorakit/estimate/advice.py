@@ -47,13 +47,15 @@ def candidates(cfg: TrainConfig) -> list[tuple[str, dict]]:
 
 
 def changes(cfg: TrainConfig, base, plan: Callable[[TrainConfig], object]) -> list[dict]:
-    """Each candidate alone, then all of them in order until the run fits; `plan(cfg)` re-plans a config."""
+    """Each candidate that lowers the peak alone, then those in order until the run fits; `plan(cfg)` re-plans."""
     out = []
     combined = {}
     for what, keys in candidates(cfg):
         try:
             alone = plan(dataclasses.replace(cfg, **keys))
         except ValueError:  # a combination the trainer refuses (e.g. QLoRA with pissa_init)
+            continue
+        if alone.peak_bytes >= base.peak_bytes:  # e.g. QLoRA under bf16 at a large batch: more activations
             continue
         out.append({"change": what, "keys": keys, "peak_bytes": alone.peak_bytes, "fits": alone.fits,
                     "saves_bytes": base.peak_bytes - alone.peak_bytes})
