@@ -14,7 +14,7 @@ from lorakit.train import TrainConfig
 def test_no_arguments_lists_the_working_subcommands(capsys):
     assert main([]) == 0
     out = capsys.readouterr().out
-    assert set(COMMANDS) == {"train", "chat", "eval", "merge", "export"}
+    assert set(COMMANDS) == {"train", "estimate", "chat", "eval", "merge", "export", "serve"}
     for name in COMMANDS:
         assert f"    {name} " in out
 
