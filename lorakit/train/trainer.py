@@ -44,8 +44,8 @@ from ..models import load_model
 from . import checkpoint as ckpt
 from .attention import NAME as PACKED_ATTENTION
 from .config import TrainConfig
-from .distributed import DistributedError, World, join, leave, lost_contact, reason
 from .cpu_levers import CPU_PIECE_TOKENS, CPU_SPLIT_ABOVE, apply_model_levers, row_pieces, token_rounding
+from .distributed import DistributedError, World, join, leave, lost_contact, reason
 from .loss import IGNORE_INDEX, causal_lm_loss, check_chunked_route, shifted_targets
 from .loraga_init import estimate_lora_ga
 from .methods import Trainable, lora_config_for, make_optimizer, make_trainable
@@ -53,8 +53,8 @@ from .prepare import Data, clear_previous_run, preflight, prepare_data, steps_pe
 from .report import MetricsLog, human, plot_loss
 from .rank_allocation import RankAllocation
 from .schedule import get_lr, warmup_steps_for
-from .sharding import Sharded, plan_for, shard
 from .self_replay import build_replay
+from .sharding import Sharded, plan_for, shard
 from .state import Schedule, TrainerState, capture_rng
 
 RESULTS_FILE = "train_results.json"  # written beside the adapter, with TRAINING_ARGS (training_args.yaml)
