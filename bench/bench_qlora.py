@@ -3,13 +3,15 @@
 SmolLM2-135M-Instruct (the embedded default, loaded in fp32) on the demo knowledge-base set, LoRA r=16 alpha 32 on
 all linear layers, through lorakit's own trainer (make_trainable -> Trainer.train_step -> Trainer.evaluate), in
 fp32 and with bf16 autocast. QLoRA rows quantize every linear layer but the output head to 4-bit NF4 with double
-quantization before LoRA is added. Every row runs in a process of its own:
+quantization while the model loads (`load_model(..., quantization=quantization_of(cfg))`), before LoRA is
+added. Every row runs in a process of its own:
 - weights: bytes of parameters + buffers (+ bitsandbytes' constants) once the model is set up;
 - RSS after setup: resident memory after setup (gc + malloc_trim), the process baseline (torch etc.) included;
   it is not the weights alone: file-backed pages of the loaded checkpoint come and go, and the heap keeps some
   of what quantizing freed;
 - training working set: peak RSS during the training steps (VmHWM, reset after setup) minus RSS after setup:
   activations, gradients, optimizer state; "weights + working set" is the memory training needs;
+- process peak: the row's peak RSS over setup and training (VmHWM before the reset, and after training);
 - step: median seconds of the timed optimizer steps (the first is not timed).
 A layer row times one linear forward+backward (2048 tokens) dense vs lorakit's QuantLinear vs bitsandbytes'
 Linear4bit: the measurement behind quantization_method auto's choice (bitsandbytes when installed).
@@ -113,7 +115,7 @@ def train_row(spec: dict) -> dict:
 
     from lorakit.models import load_model
     from lorakit.quant import weight_bytes
-    from lorakit.train.methods import make_trainable
+    from lorakit.train.methods import make_trainable, quantization_of
     from lorakit.train.options import from_mapping
     from lorakit.train.prepare import prepare_data
     from lorakit.train.trainer import Interrupt, Trainer, pick_precision, seed_everything
@@ -127,7 +129,7 @@ def train_row(spec: dict) -> dict:
         "lr_scheduler_type": "constant", "bf16": spec["precision"] == "bf16", "seed": 0,
         **({"quantization_bit": 4, "quantization_method": spec["backend"]} if spec["method"] == "qlora" else {})})
     device = torch.device("cpu")
-    model, tokenizer, _ = load_model(model_path, dtype="float32", device=device)
+    model, tokenizer, _ = load_model(model_path, dtype="float32", device=device, quantization=quantization_of(cfg))
     from lorakit.data import load_records
 
     data = prepare_data(cfg, load_records(cfg.dataset, cfg.dataset_dir, cfg.stage), tokenizer)
@@ -137,7 +139,7 @@ def train_row(spec: dict) -> dict:
     model.train()
     trainer = Trainer(cfg, trainable, tokenizer, data, device, pick_precision(device, cfg))
     release_memory()
-    weights, setup = weight_bytes(model) / 2**20, vm_rss_mb()
+    weights, setup, setup_peak = weight_bytes(model) / 2**20, vm_rss_mb(), vm_hwm_mb()
     reset_peak()
     times, losses = [], []
     with Interrupt() as interrupt:
@@ -149,7 +151,8 @@ def train_row(spec: dict) -> dict:
     peak = vm_hwm_mb()
     evaluation = trainer.evaluate()
     return {**spec, "weights_mb": weights, "baseline_rss_mb": baseline, "setup_rss_mb": setup,
-            "peak_train_rss_mb": peak, "step_s": statistics.median(times[1:] or times), "train_losses": losses,
+            "peak_train_rss_mb": peak, "process_peak_mb": max(setup_peak, peak),
+            "step_s": statistics.median(times[1:] or times), "train_losses": losses,
             "eval_loss": evaluation["eval_loss"], "summary": trainable.summary, "tokens_per_step": out["tokens"]}
 
 
@@ -202,11 +205,11 @@ def markdown(rows: list[dict]) -> str:
         method = "LoRA" if r["method"] == "lora" else f"QLoRA nf4+dq ({r['backend']})"
         working = r["peak_train_rss_mb"] - r["setup_rss_mb"]  # activations, gradients, optimizer state
         lines.append([method, r["precision"], r["weights_mb"], working, r["weights_mb"] + working,
-                      r["setup_rss_mb"], r["peak_train_rss_mb"], r["step_s"], r["eval_loss"],
+                      r["setup_rss_mb"], r["peak_train_rss_mb"], r.get("process_peak_mb"), r["step_s"], r["eval_loss"],
                       None if rel is None else f"{rel:+.1f}%"])
     text = common.table(["method", "precision", "weights MiB", "training working set MB",
-                         "weights + working set MB", "RSS after setup MB", "peak train RSS MB", "step s",
-                         "eval loss", "eval loss vs LoRA"], lines)
+                         "weights + working set MB", "RSS after setup MB", "peak train RSS MB", "process peak MB",
+                         "step s", "eval loss", "eval loss vs LoRA"], lines)
     layer = next((r for r in rows if r.get("kind") == "layer" and "layers" in r), None)
     if layer:
         text += "\n\n" + common.table(["linear fwd+bwd", "dtype", "dense ms", "lorakit QuantLinear ms",

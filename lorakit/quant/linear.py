@@ -135,7 +135,7 @@ class QuantLinear(nn.Module):
         n = self.out_features * self.in_features
         pairs = pair_table(self.quant_type, self.codes.device, dtype)
         values = F.embedding(self.codes.view(-1, BLOCK // 2).int(), pairs)  # (n_blocks, 32, 2)
-        blocks = values.view(-1, BLOCK) * self._absmax().to(dtype)[:, None]  # (n_blocks, 64)
+        blocks = values.view(-1, BLOCK).mul_(self._absmax().to(dtype)[:, None])  # (n_blocks, 64), no second copy
         return blocks.view(-1)[:n].view(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
