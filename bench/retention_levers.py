@@ -6,7 +6,7 @@ answer contains the fact, and retention and KL on lorakit's general probe set (`
 model's answers are computed once. Results go to bench/results/retention.json after every lever (a rerun with
 --only replaces those levers and keeps the others). Not part of `make bench`: each lever trains for minutes.
 
-    python bench/retention_levers.py                       # every lever (about 5 min each on 2 cores)
+    python bench/retention_levers.py                       # every lever (8-20 min each on 2 shared cores)
     python bench/retention_levers.py --only demo,self_0.3  # some of them
 """
 
