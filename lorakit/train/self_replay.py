@@ -86,7 +86,8 @@ def build_replay(cfg: TrainConfig, source: ReplaySource | None, model, tokenizer
         raise DataError(f"self_replay: none of the base model's {cached['prompts']} answers holds a whole sentence "
                         f"within self_replay_max_new_tokens={cfg.self_replay_max_new_tokens} tokens; raise it")
     return Replay(records, f"self-replay: the base model's greedy answers to {cached['prompts']} prompts of "
-                           f"{source.name}; {len(records)} kept (whole sentences within {cfg.self_replay_max_new_tokens} tokens) "
+                           f"{source.name}; {len(records)} kept (whole sentences within "
+                           f"{cfg.self_replay_max_new_tokens} tokens) "
                            f"({how})")
 
 
