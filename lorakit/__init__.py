@@ -5,14 +5,15 @@ from .lora import (
     LoraConfig,
     LoraGAConfig,
     LoraModel,
-    gradient_factors,
     get_lora_model,
     get_peft_model_state_dict,
+    gradient_factors,
     set_peft_model_state_dict,
 )
 from .quant import dequantize_model, merge_dequantized, quantize_model
 
 __version__ = "0.1.0"
 
-__all__ = ["AdaLoraConfig", "LoraConfig", "LoraGAConfig", "LoraModel", "gradient_factors", "get_lora_model", "get_peft_model_state_dict", "set_peft_model_state_dict",
-           "quantize_model", "dequantize_model", "merge_dequantized"]
+__all__ = ["AdaLoraConfig", "LoraConfig", "LoraGAConfig", "LoraModel", "gradient_factors", "get_lora_model",
+           "get_peft_model_state_dict", "set_peft_model_state_dict", "quantize_model", "dequantize_model",
+           "merge_dequantized"]

@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass
 from typing import ClassVar
 
+from ..dtypes import DTYPE_NAMES, canonical_name
 from .arguments import ConfigError, run_command, say
 
 USAGE = """usage: lorakit chat [CONFIG.yaml] [KEY=VALUE ...] [--adapter DIR | --adapter NAME=DIR ...] [--model M]
@@ -38,8 +39,31 @@ examples:
 FLAGS = {"--adapter": "adapter_name_or_path", "--adapters": "adapter_name_or_path", "--model": "model_name_or_path",
          "--dtype": "infer_dtype"}
 ALIASES = {k.removeprefix("--"): v for k, v in FLAGS.items()}
-DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
+DTYPES = ("auto", *DTYPE_NAMES)
 FINETUNING_TYPES = ("lora", "qlora", "full", "freeze")
+
+
+def model_problems(args, verb: str) -> list[str]:
+    """The problems of the settings `chat` and `serve` share (backend, finetuning type, dtype, template); `verb`:
+    what the command does with the model ("runs", "serves")."""
+    from ..data import DataError, check_template
+
+    problems = []
+    if args.infer_backend != "huggingface":
+        problems.append(f"infer_backend '{args.infer_backend}' is not supported: lorakit runs models with "
+                        f"huggingface (transformers) only")
+    if args.finetuning_type not in FINETUNING_TYPES:
+        problems.append(f"finetuning_type must be one of {', '.join(FINETUNING_TYPES)}, got '{args.finetuning_type}'")
+    elif args.finetuning_type in ("full", "freeze") and args.adapter_name_or_path:
+        problems.append(f"finetuning_type {args.finetuning_type} {verb} model_name_or_path as it is; "
+                        f"adapter_name_or_path needs finetuning_type lora")
+    if args.infer_dtype not in DTYPES:
+        problems.append(f"infer_dtype must be one of {', '.join(DTYPES)}, got '{args.infer_dtype}'")
+    try:
+        check_template(args.template)
+    except DataError as exc:
+        problems.append(f"template: {exc}")
+    return problems
 
 
 @dataclass
@@ -90,24 +114,7 @@ class ChatArgs:
     """Keep earlier turns in the conversation; false answers every message on its own."""
 
     def __post_init__(self) -> None:
-        from ..data import DataError, check_template
-
-        problems = []
-        if self.infer_backend != "huggingface":
-            problems.append(f"infer_backend '{self.infer_backend}' is not supported: lorakit runs models with "
-                            f"huggingface (transformers) only")
-        if self.finetuning_type not in FINETUNING_TYPES:
-            problems.append(f"finetuning_type must be one of {', '.join(FINETUNING_TYPES)}, "
-                            f"got '{self.finetuning_type}'")
-        elif self.finetuning_type in ("full", "freeze") and self.adapter_name_or_path:
-            problems.append(f"finetuning_type {self.finetuning_type} runs model_name_or_path as it is; "
-                            f"adapter_name_or_path needs finetuning_type lora")
-        if self.infer_dtype not in DTYPES:
-            problems.append(f"infer_dtype must be one of {', '.join(DTYPES)}, got '{self.infer_dtype}'")
-        try:
-            check_template(self.template)
-        except DataError as exc:
-            problems.append(f"template: {exc}")
+        problems = model_problems(self, "runs")
         try:
             self.sampling()
         except ValueError as exc:
@@ -149,7 +156,7 @@ def run_chat(argv: list[str]) -> int:
 def open_session(args: ChatArgs):
     from ..chat import ChatSession
 
-    dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(args.infer_dtype, args.infer_dtype)
+    dtype = canonical_name(args.infer_dtype)
     model, tokenizer, template, stop_ids, plan = load_for_inference(
         "chat", args.adapter_name_or_path, args.model_name_or_path, args.template, dtype, args.device)
     active = args.active_adapter

@@ -19,6 +19,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..dtypes import DTYPE_NAMES, canonical_name
 from .arguments import ConfigError, run_command, say
 
 USAGE = """usage: lorakit eval [CONFIG.yaml] [KEY=VALUE ...] [--adapter DIR | --adapter NAME=DIR ...] [--model M]
@@ -43,7 +44,7 @@ FLAGS = {"--adapter": "adapter_name_or_path", "--adapters": "adapter_name_or_pat
 ALIASES = {k.removeprefix("--"): v for k, v in FLAGS.items()} | {
     "output_file": "output", "save_path": "output", "per_device_eval_batch_size": "batch_size",
     "eval_dataset": "dataset"}
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = ("auto", *DTYPE_NAMES)
 
 
 @dataclass
@@ -129,9 +130,8 @@ def evaluate(args: EvalArgs) -> dict:
     """Read the data, load the model and adapters, score every model; returns the JSON report."""
     from ..data import DataError, encode_records, load_records
     from ..evaluate import evaluate_models, items_from_records
-    from .chat import load_for_inference
-
     from ..retention import load_probes
+    from .chat import load_for_inference
 
     records = load_records(args.dataset, args.dataset_dir, "sft", args.max_samples)
     probes = load_probes(args.retention_probes) if args.retention else None  # checked before the model loads
@@ -141,7 +141,7 @@ def evaluate(args: EvalArgs) -> dict:
     items = items_from_records([r for r in records if "messages" in r])
     if not items:
         raise DataError(f"dataset {args.dataset!r}: no record ends with an assistant answer to score")
-    dtype = args.infer_dtype
+    dtype = canonical_name(args.infer_dtype)
     model, tokenizer, template, stop_ids, plan = load_for_inference(
         "eval", args.adapter_name_or_path, args.model_name_or_path, args.template, dtype, args.device)
     examples, _ = encode_records([r for r in records if "messages" in r], tokenizer, template, args.cutoff_len)

@@ -15,8 +15,9 @@ import signal
 import socket
 from dataclasses import dataclass
 
+from ..dtypes import canonical_name
 from .arguments import ConfigError, run_command, say
-from .chat import DTYPES, FINETUNING_TYPES
+from .chat import model_problems
 
 USAGE = """usage: lorakit serve [CONFIG.yaml] [KEY=VALUE ...] [--adapter NAME=DIR ...] [--model M] [--host H]
                      [--port P] [--api-key KEY] [--max-batch N] [--max-queue N] [--max-model-len N]
@@ -84,8 +85,6 @@ class ServeArgs:
     """On SIGTERM / Ctrl-C, seconds running answers may take to finish before they are cancelled."""
 
     def __post_init__(self) -> None:
-        from ..data import DataError, check_template
-
         self.host = self.host or os.environ.get("API_HOST") or "127.0.0.1"
         self.api_key = self.api_key or os.environ.get("API_KEY") or None
         problems = []
@@ -96,17 +95,7 @@ class ServeArgs:
             self.port = int(env) if env.strip().isdigit() else 0
         if not 0 <= self.port <= 65535:
             problems.append(f"port must be in 0..65535, got {self.port}")
-        if self.infer_backend != "huggingface":
-            problems.append(f"infer_backend '{self.infer_backend}' is not supported: lorakit runs models with "
-                            f"huggingface (transformers) only")
-        if self.finetuning_type not in FINETUNING_TYPES:
-            problems.append(f"finetuning_type must be one of {', '.join(FINETUNING_TYPES)}, "
-                            f"got '{self.finetuning_type}'")
-        elif self.finetuning_type in ("full", "freeze") and self.adapter_name_or_path:
-            problems.append(f"finetuning_type {self.finetuning_type} serves model_name_or_path as it is; "
-                            f"adapter_name_or_path needs finetuning_type lora")
-        if self.infer_dtype not in DTYPES:
-            problems.append(f"infer_dtype must be one of {', '.join(DTYPES)}, got '{self.infer_dtype}'")
+        problems += model_problems(self, "serves")
         for key in ("max_batch", "max_queue", "prefill_tokens", "max_body_bytes", "max_model_len", "max_kv_tokens"):
             value = getattr(self, key)
             if value is not None and value < 1:
@@ -115,10 +104,6 @@ class ServeArgs:
             problems.append(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout}")
         if self.api_key is not None and not self.api_key.strip():
             problems.append("api_key must not be blank")
-        try:
-            check_template(self.template)
-        except DataError as exc:
-            problems.append(f"template: {exc}")
         if problems:
             raise ConfigError(problems)
 
@@ -138,7 +123,7 @@ def serve(args: ServeArgs) -> int:
     from ..serve.scheduler import Limits
 
     sock = listen(args.host, args.port)  # a taken port fails before the weights load
-    dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(args.infer_dtype, args.infer_dtype)
+    dtype = canonical_name(args.infer_dtype)
     say("serve", f"loading {args.model_name_or_path or 'the base of the adapters (or the default model)'}")
     registry = open_registry(args.adapter_name_or_path, args.model_name_or_path, args.template, dtype, args.device)
     context = getattr(registry.model.config, "max_position_embeddings", None) or 2048

@@ -3,8 +3,8 @@ largest forward pass among them (the one that sets the activation peak).
 
 The data are read, templated, tokenised, truncated, split and packed by the trainer's own `prepare_data`; the
 batches are the trainer's epoch-0 order (`batch_order`, a pure function of the seed); on a CPU a batch above
-`CPU_SPLIT_ABOVE` tokens is cut into pieces of rows as `cpu_levers.row_pieces` does, and in bf16 on a CPU token counts are
-rounded up by the trainer's `shape_bucket`. Without a data set every micro-batch is assumed full:
+`CPU_SPLIT_ABOVE` tokens is cut into pieces of rows as `cpu_levers.row_pieces` does, and in bf16 on a CPU token
+counts are rounded up by the trainer's `shape_bucket`. Without a data set every micro-batch is assumed full:
 batch x cutoff_len tokens, all of them labels.
 """
 
@@ -16,8 +16,8 @@ from pathlib import Path
 
 from ..data import IGNORE_INDEX, batch_order, load_records
 from ..train.config import TrainConfig
-from ..train.prepare import prepare_data
 from ..train.cpu_levers import CPU_PIECE_TOKENS, CPU_SPLIT_ABOVE
+from ..train.prepare import prepare_data
 from .memory import Workload
 
 

@@ -46,12 +46,12 @@ from .attention import NAME as PACKED_ATTENTION
 from .config import TrainConfig
 from .cpu_levers import CPU_PIECE_TOKENS, CPU_SPLIT_ABOVE, apply_model_levers, row_pieces, token_rounding
 from .distributed import DistributedError, World, join, leave, lost_contact, reason
-from .loss import IGNORE_INDEX, causal_lm_loss, check_chunked_route, shifted_targets
 from .loraga_init import estimate_lora_ga
-from .methods import Trainable, lora_config_for, make_optimizer, make_trainable
+from .loss import IGNORE_INDEX, causal_lm_loss, check_chunked_route, shifted_targets
+from .methods import Trainable, lora_config_for, make_optimizer, make_trainable, quantization_of
 from .prepare import Data, clear_previous_run, preflight, prepare_data, steps_per_epoch
-from .report import MetricsLog, human, plot_loss
 from .rank_allocation import RankAllocation
+from .report import MetricsLog, human, plot_loss
 from .schedule import get_lr, warmup_steps_for
 from .self_replay import build_replay
 from .sharding import Sharded, plan_for, shard
@@ -437,7 +437,9 @@ def train_ranks(cfg: TrainConfig, world: World, device: torch.device | None, on_
         say(f"lorakit train: {line}")
     if world.is_main:
         say(f"lorakit train: loading {plan.model_path} ...")
-    model, tokenizer, _ = load_model(cfg.model_name_or_path, dtype="float32", device=device)
+    # a QLoRA base is quantized layer by layer while it loads: its 16/32-bit weights never all exist at once
+    model, tokenizer, _ = load_model(cfg.model_name_or_path, dtype="float32", device=device,
+                                     quantization=quantization_of(cfg))
     replay = build_replay(cfg, plan.replay, model, tokenizer, plan.model_path, amp_dtype)  # before any LoRA
     data = prepare_data(cfg, plan.records, tokenizer, replay)
     seed_everything(cfg.seed)
