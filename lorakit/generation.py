@@ -70,14 +70,14 @@ def next_tokens(logits: torch.Tensor, seen: torch.Tensor, sampling: Sampling,
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
-def _cache_argument(model: torch.nn.Module) -> str:
+def cache_argument(model: torch.nn.Module) -> str:
     """The KV-cache keyword of the model's forward: `cache` in recent transformers (which deprecates
     `past_key_values`), `past_key_values` before."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
 
 
-def _left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -100,10 +100,10 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], sampling: Samplin
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     device = next(model.parameters()).device
-    ids, mask = _left_pad(prompts, pad_id, device)
+    ids, mask = left_pad(prompts, pad_id, device)
     extra = {"adapter_names": adapter_names} if adapter_names is not None else {}
     generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
-    cache = {_cache_argument(model): DynamicCache()}  # filled in place by every forward
+    cache = {cache_argument(model): DynamicCache()}  # filled in place by every forward
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, T): left padding does not shift positions
     step_ids, seen = ids, ids
     outputs: list[list[int]] = [[] for _ in prompts]

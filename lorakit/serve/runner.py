@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from ..generation import _cache_argument, _left_pad
+from ..generation import cache_argument, left_pad
 from ..lora import LoraModel
 from .sequence import Adapter
 
@@ -56,12 +56,12 @@ class Runner:
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]], adapters: list[Adapter]) -> tuple[Batch, torch.Tensor]:
         """Run the new prompts; (their batch, next-token logits (k, V)). `next_ids` is for the caller to set."""
-        ids, mask = _left_pad(prompts, self.pad_id, self.device)  # (k, W'), (k, W')
+        ids, mask = left_pad(prompts, self.pad_id, self.device)  # (k, W'), (k, W')
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # left padding does not shift positions
         cache = DynamicCache()
         keep = torch.tensor([ids.shape[1] - 1], device=self.device)  # the last position, as generate() keeps it
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                         logits_to_keep=keep, **{_cache_argument(self.model): cache}, **self._routing(adapters))
+                         logits_to_keep=keep, **{cache_argument(self.model): cache}, **self._routing(adapters))
         lengths = mask.sum(dim=1)  # (k,)
         batch = Batch(cache, mask, torch.full_like(lengths, self.pad_id), lengths)
         return batch, out.logits[:, -1]
@@ -71,7 +71,7 @@ class Runner:
         """One token per row; the cache and mask grow by one column; returns next-token logits (B, V)."""
         mask = torch.cat([batch.mask, batch.mask.new_ones(batch.rows, 1)], dim=1)  # (B, W + 1)
         out = self.model(input_ids=batch.next_ids[:, None], attention_mask=mask, position_ids=batch.positions[:, None],
-                         use_cache=True, logits_to_keep=1, **{_cache_argument(self.model): batch.cache},
+                         use_cache=True, logits_to_keep=1, **{cache_argument(self.model): batch.cache},
                          **self._routing(adapters))
         batch.mask, batch.positions = mask, batch.positions + 1
         return out.logits[:, -1]
