@@ -1,5 +1,8 @@
 """Several processes on one machine: 1 process x 2 threads against 2 processes x 1 thread (gloo), LoRA and full.
 
+A third row per method, 1 process x 1 thread, shows what one core does alone: on a machine other jobs share, a
+2-thread process can lose far more to its threads waiting on each other than a second process loses to gloo.
+
 Each configuration is a real `lorakit train` run (lorakit.train.train in fresh interpreters; the 2-process rows
 get torchrun's variables, so they run DDP for LoRA and FSDP2 for full) on SmolLM2-135M-Instruct, the same global
 batch (8 sequences per step), the same steps, fp32. Per row: real (non-padding) tokens/s over the steps after the
@@ -38,6 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="tiny model from a config, 2 steps, no download")
     p.add_argument("--steps", type=int, default=5, help="optimizer steps per row (the first is not timed)")
+    p.add_argument("--methods", default="lora,full", help="lora, full or both")
     p.add_argument("--row", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -158,10 +162,10 @@ def specs(args: argparse.Namespace) -> list[dict]:
     base = {"smoke": args.smoke, "model": model, "data": data, "steps": 2 if args.smoke else args.steps,
             "cutoff_len": 64 if args.smoke else 128}
     out, tag = [], "-smoke" if args.smoke else ""
-    for method in ("lora", "full"):
-        for procs, threads in ((1, 2), (2, 1)):
+    for method in args.methods.split(","):
+        for procs, threads in ((1, 2), (2, 1), (1, 1)):
             out.append({**base, "method": method, "procs": procs, "threads": threads, "bs": 8 // procs,
-                        "out": str(common.cache_dir() / f"distributed-out-{method}-{procs}{tag}")})
+                        "out": str(common.cache_dir() / f"distributed-out-{method}-{procs}x{threads}{tag}")})
     return out
 
 
@@ -196,8 +200,8 @@ def summarise(results: list[list[dict]]) -> tuple[list[dict], str]:
     for row in rows:
         if "error" in row:
             continue
-        single = next((r for r in rows if r["method"] == row["method"] and r["procs"] == 1 and "error" not in r),
-                      None)
+        single = next((r for r in rows if r["method"] == row["method"] and (r["procs"], r["threads"]) == (1, 2)
+                       and "error" not in r), None)
         row["vs_one_process"] = row["tokens_per_s"] / single["tokens_per_s"] if single else None
         row["estimate"] = estimate(row["params"], row["ddp_allreduce_bytes"], row["method"])
         how = {"none": "one process", "ddp": "DDP", "fsdp": "FSDP2"}[row["sharding"]]
@@ -209,7 +213,7 @@ def summarise(results: list[list[dict]]) -> tuple[list[dict], str]:
     headers = ["method", "processes x threads", "real tokens/s", "vs 1 process", "peak RSS per process (MB)",
                "collectives / step", "MB in collectives / step"]
     md = common.table(headers, lines)
-    est = [r for r in rows if "error" not in r and r["procs"] == 1]
+    est = [r for r in rows if "error" not in r and (r["procs"], r["threads"]) == (1, 2)]
     if est:
         md += ("\n\nEstimate, not measured (from the measured gradient volume; ring all-reduce 2(W-1)/W x bytes; "
                f"{NVLINK_GBS:g} GB/s within a node, {NODE_LINK_GBS:g} GB/s between nodes, {GPU_TFLOPS:g} TFLOP/s "

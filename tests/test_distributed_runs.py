@@ -145,8 +145,11 @@ def test_resume_two_ranks_to_one(tiny, lora_one, lora_two):
 
 
 def test_freeze_qlora_and_fsdp2_full_on_two_ranks_equal_one_process(tiny):
-    kinds = {"freeze": ("model.safetensors", "finetuning_type=freeze", "gradient_checkpointing=true"),
-             "qlora": ("adapter_model.safetensors", "quantization_bit=4", "quantization_method=lorakit"),
+    """freeze with gradient checkpointing and length grouping, QLoRA on packed rows, FSDP2 full."""
+    kinds = {"freeze": ("model.safetensors", "finetuning_type=freeze", "gradient_checkpointing=true",
+                        "group_by_length=true"),
+             "qlora": ("adapter_model.safetensors", "quantization_bit=4", "quantization_method=lorakit", "packing=true",
+                       "cutoff_len=64"),
              "full": ("model.safetensors", "finetuning_type=full")}
     for kind, (name, *keys) in kinds.items():
         one, two = tiny / f"{kind}1", tiny / f"{kind}2"
