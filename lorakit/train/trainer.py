@@ -195,7 +195,7 @@ class Trainer:
         n_labels = max(self.world.sum([mine])[0], 1)  # the step's loss is the mean over all these tokens (all ranks)
         loss_sum = torch.zeros((), device=self.device)
         for i, ((batch, _, _), weight) in enumerate(zip(batches, weights)):
-            pieces = self.pieces(batch)
+            pieces = [batch] if self.fsdp else self.pieces(batch)  # FSDP2 gathers weights in each forward: one per rank
             for j, piece in enumerate(pieces):
                 with self.sync(last=i == len(batches) - 1 and j == len(pieces) - 1):
                     with self.autocast():
@@ -245,9 +245,7 @@ class Trainer:
 
     def pieces(self, batch: dict) -> list[dict]:
         """The forward passes the micro-batch runs as (`cpu_levers.row_pieces`): itself, or on a CPU, pieces of
-        rows. FSDP2 gathers weights in every forward, so there every rank runs one per micro-batch."""
-        if self.fsdp:
-            return [batch]
+        rows."""
         return row_pieces(batch, self.device, self.round_width, CPU_SPLIT_ABOVE, CPU_PIECE_TOKENS)
 
     def clip(self) -> float:
