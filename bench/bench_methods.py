@@ -41,7 +41,7 @@ METHODS = [  # (label, overrides)
 def data_settings(dataset: str, smoke: bool) -> dict:
     if smoke:
         return {"dataset": str(common.BENCH_DIR / ".cache" / "smoke_data.jsonl"), "max_steps": 4, "lora_rank": 4,
-                "per_device_train_batch_size": 4, "val_size": 4, "adalora_tinit": 1, "adalora_tfinal": 1}
+                "per_device_train_batch_size": 4, "val_size": 4}
     if dataset == "kb":
         return {"dataset": "kb_train", "dataset_dir": str(common.ROOT / "demo" / "data"), "template": "chatml",
                 "max_steps": 30, "per_device_train_batch_size": 8, "val_size": 0}

@@ -63,6 +63,9 @@ def test_adalora_run_allocates_ranks_reports_and_plots_them(tiny, capsys):
     (["loraga_direction=sideways"], "loraga_direction must be one of"),
     (["use_adalora=true", "adalora_target_r=20"], "must not exceed adalora_init_r"),
     (["use_adalora=true", "finetuning_type=full"], "use_adalora is only valid with finetuning_type: lora"),
+    (["use_adalora=true", "use_rslora=true"], "use_adalora cannot be combined with .*use_rslora"),
+    (["loraga_batches=4"], "loraga_batches is set but loraga_init is false"),
+    (["adalora_target_r=4"], "adalora_target_r is set but use_adalora is false"),
 ])
 def test_bad_method_keys_are_config_errors_before_loading(tiny, extra, message):
     with pytest.raises(ConfigError, match=message):

@@ -355,8 +355,9 @@ def _value_problems(c) -> list[str]:
          "loraga_init cannot be combined with pissa_init, use_dora or use_adalora (each sets the starting point)"),
         (not (c.loraga_init and (c.quantization_bit or c.finetuning_type == "qlora")),
          "loraga_init rewrites the base weights and needs their full-precision gradients: not with quantization_bit"),
-        (not (c.use_adalora and (c.pissa_init or c.use_dora)), "use_adalora cannot be combined with pissa_init or "
-                                                                 "use_dora"),
+        (not (c.use_adalora and (c.pissa_init or c.use_dora or c.use_rslora)),
+         "use_adalora cannot be combined with pissa_init, use_dora or use_rslora (AdaLoRA's scaling is "
+         "lora_alpha / adalora_init_r)"),
         (c.freeze_trainable_layers != 0, "freeze_trainable_layers must not be 0"),
         (bool(_split(c.dataset)), "dataset is required: a registered name or a data file"),
         (c.cutoff_len >= 2, f"cutoff_len must be at least 2, got {c.cutoff_len}"),
@@ -395,6 +396,11 @@ def _value_problems(c) -> list[str]:
         (c.deepspeed is None or Path(c.deepspeed).is_file(), f"deepspeed: config file '{c.deepspeed}' not found"),
     ]
     problems = [message for ok, message in checks if not ok]
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    for prefix, switch in (("loraga_", "loraga_init"), ("adalora_", "use_adalora")):
+        if not getattr(c, switch):  # options of a method that is off would change nothing
+            problems += [f"{k} is set but {switch} is false; set {switch}: true or drop {k}"
+                         for k in defaults if k.startswith(prefix) and k != switch and getattr(c, k) != defaults[k]]
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                  "logging_steps", "save_steps"):
         if getattr(c, name) < 1:
