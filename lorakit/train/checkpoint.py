@@ -9,9 +9,10 @@
         trainer_state.json                               the TrainerState (state.py): step, data position, examples
                                                          consumed, schedule, RNG states, last metrics
 
-With several ranks the files are the same, unsharded: rank 0 writes them (FSDP2's shards are gathered to it
-first, every rank taking part), with every rank's generators in trainer_state.json, and every rank reads them
-back, so a run resumes at another world size.
+With several ranks the files are the same, unsharded: rank 0 writes them (FSDP2's shards are gathered first,
+every rank taking part: the whole model for full/freeze, only the adapter's tensors for lora), with every rank's
+generators in trainer_state.json, and every rank reads them back (FSDP2: keeping its own shards), so a run
+resumes at another world size.
 
 Every file here is read back by a resume. The learning rate is a pure function of the step and the schedule
 (schedule.py), so the schedule saved in trainer_state.json is all a scheduler would have held; a resume checks it
@@ -31,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from ..files import staged_directory, staged_file
 from ..lora import get_peft_model_state_dict, set_peft_model_state_dict
+from ..lora.io import adapter_tensors, write_adapter
 from .distributed import World
 from .methods import Trainable
 from .state import STATE_FILE, CheckpointError, Schedule, TrainerState
@@ -70,10 +72,14 @@ def resolve_resume(value: str | bool | None, output_dir: str | Path) -> Path | N
 
 
 def save_weights(trainable: Trainable, directory: Path, state_dict: dict | None = None) -> None:
-    """The adapter (PEFT format) or the whole model (save_pretrained; `state_dict`: FSDP2's gathered weights)
-    into `directory`."""
+    """The adapter (PEFT format) or the whole model (save_pretrained) into `directory`; `state_dict`: FSDP2's
+    gathered weights (`gathered_weights`)."""
     if trainable.lora is None:
         trainable.model.save_pretrained(directory, state_dict=state_dict)
+        return
+    if state_dict is not None:  # a plain adapter (plan_for refuses the converted ones under FSDP2)
+        config = trainable.lora.peft_config[trainable.lora.active_adapter]
+        write_adapter(directory, dataclasses.replace(config, inference_mode=True), state_dict)
         return
     trainable.lora.save_pretrained(directory)
     init = trainable.lora.peft_config["default"].init_lora_weights
@@ -94,7 +100,7 @@ def save_checkpoint(output_dir: str | Path, trainable: Trainable, optimizer: tor
     final = root / f"{CHECKPOINT_PREFIX}{state.step}"
     if world.distributed:
         state = dataclasses.replace(state, rng_by_rank=world.gather(state.rng))
-    weights = gathered_weights(trainable.model) if sharded else None
+    weights = gathered_weights(trainable) if sharded else None
     optimizer_state = gathered_optimizer(trainable.model, optimizer) if sharded else optimizer.state_dict()
     if not world.is_main:
         return final
@@ -140,8 +146,11 @@ def load_weights(path: Path, trainable: Trainable, sharded: bool = False) -> Non
         if not source.is_file():
             raise CheckpointError(f"{path}: no {ADAPTER_WEIGHTS_FILE}; was this checkpoint made by a full/freeze run?")
         device = next(trainable.model.parameters()).device
+        state = load_file(str(source), device=str(device))
         try:
-            set_peft_model_state_dict(trainable.lora, load_file(str(source), device=str(device)))
+            if sharded:
+                state = as_shards(trainable, state)
+            set_peft_model_state_dict(trainable.lora, state)
         except (KeyError, ValueError) as exc:
             raise CheckpointError(f"{path}: the adapter does not fit this run: {exc}") from None
         return
@@ -165,11 +174,45 @@ def load_weights(path: Path, trainable: Trainable, sharded: bool = False) -> Non
 # ---------------------------------------------------------------- FSDP2: whole tensors to and from the shards
 
 
-def gathered_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every weight of an FSDP2 model, whole, on rank 0's CPU (every rank must call it: it all-gathers)."""
+def gathered_weights(trainable: Trainable) -> dict[str, torch.Tensor]:
+    """What `save_weights` writes of an FSDP2 model, whole, on rank 0's CPU (every rank must call it: it
+    all-gathers): every weight for full/freeze; for lora the adapter's tensors only, under PEFT file keys (one
+    all-gather per tensor, in the same order on every rank; the frozen base is never gathered)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if trainable.lora is None:
+        return get_model_state_dict(trainable.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    lora = trainable.lora
+    live = adapter_tensors(lora.model, lora.active_adapter, lora.peft_config[lora.active_adapter].bias)
+    return {key: _whole(tensor).detach().to("cpu").contiguous().clone() for key, tensor in live.items()}
+
+
+def as_shards(trainable: Trainable, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A whole adapter (PEFT file keys) cut into this rank's shards of the live FSDP2 tensors (no communication:
+    every rank read the same file); keys the model lacks stay as they are, for the load's own error."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    lora = trainable.lora
+    live = adapter_tensors(lora.model, lora.active_adapter, lora.peft_config[lora.active_adapter].bias)
+    out = {}
+    for key, tensor in state.items():
+        target = live.get(key)
+        if isinstance(target, DTensor) and tuple(target.shape) == tuple(tensor.shape):
+            tensor = distribute_tensor(tensor.to(target.dtype), target.device_mesh, target.placements,
+                                       src_data_rank=None)
+        out[key] = tensor
+    return out
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole value of an FSDP2 shard (an all-gather; a CPU-offloaded shard travels through the mesh's device)."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(tensor, DTensor):
+        return tensor
+    if tensor.device.type != tensor.device_mesh.device_type:
+        tensor = tensor.to(tensor.device_mesh.device_type)
+    return tensor.full_tensor()
 
 
 def gathered_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:

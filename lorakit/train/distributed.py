@@ -17,6 +17,7 @@ loss, tokens and stop flags (so a Ctrl-C on any rank stops every rank after the 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import re
@@ -146,6 +147,22 @@ def join(device_name: str | None, backend: str | None, timeout_s: float) -> tupl
 def leave(world: World) -> None:
     if world.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def joined(device_name: str | None, backend: str | None, timeout_s: float):
+    """`join` for the block, then `leave`: yields (World, device or None). A collective that fails because another
+    rank died or timed out ends the block as one DistributedError line (`lorakit train` exits 1)."""
+    world, device = join(device_name, backend, timeout_s)
+    try:
+        yield world, device
+    except Exception as exc:
+        if world.distributed and lost_contact(exc):
+            raise DistributedError(f"rank {world.rank} lost the other ranks ({reason(exc)}); stopping, nothing more "
+                                   f"is written") from None
+        raise
+    finally:
+        leave(world)
 
 
 def lost_contact(exc: BaseException) -> bool:

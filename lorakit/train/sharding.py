@@ -2,10 +2,18 @@
 
     ddp     lora / qlora / freeze (and DeepSpeed ZeRO 0-2): every rank holds the whole model; after the last
             micro-batch of a step the gradients of the trainable parameters (only those) are averaged
-    fsdp    full (and HF's fsdp: full_shard, DeepSpeed ZeRO 3): `fully_shard` per decoder layer, then the root; each
-            rank holds 1/W of every weight, gradient and AdamW state; weights are all-gathered layer by layer for
-            the forward and the backward, gradients reduce-scattered. fsdp_offload (ZeRO offload): the shards live
-            on the CPU. shard_grad_op keeps the gathered weights from the forward to the backward (ZeRO-2-like).
+    fsdp    full, and lora / freeze when HF's fsdp: full_shard (or DeepSpeed ZeRO 3) asks: `fully_shard` per decoder
+            layer, then the root; each rank holds 1/W of every weight, gradient and AdamW state; weights are
+            all-gathered layer by layer for the forward and the backward, gradients reduce-scattered.
+            fsdp_offload (ZeRO offload): the shards live on the CPU. shard_grad_op keeps the gathered weights from
+            the forward to the backward (ZeRO-2-like).
+
+LoRA under FSDP2: a decoder layer's group holds its frozen base weights and its LoRA weights together, so the LoRA
+layer's forward reads both unsharded (FSDP2 swaps the whole layer's parameters in for its forward and backward).
+The frozen base may be bf16 (stored so under bf16 autocast, precision.store_frozen_base, before sharding) while
+the LoRA weights are fp32: torch's FSDP2 wants one dtype among a group's *trainable* parameters only, and
+all-gathers a group of mixed dtypes as bytes; no MixedPrecisionPolicy (autocast already casts), no extra groups.
+The adapter is gathered tensor by tensor for a save (checkpoint.py), never the base.
 
 Both average the gradients over the ranks, so the trainer multiplies each rank's loss by the world size W before
 dividing by the step's global label-token count N:  mean_r (W * loss_sum_r / N) = (sum over all tokens) / N.
@@ -24,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..data.batching import rank_share
 from .config import TrainConfig
 from .distributed import DistributedError, World
 from .loss import causal_lm_loss
@@ -92,9 +101,13 @@ def plan_for(cfg: TrainConfig) -> Plan:
         raise ValueError("QLoRA with FSDP2 is refused: the 4-bit weights are packed integer tensors that FSDP2 "
                          "cannot shard with the fp32 LoRA weights; drop fsdp/deepspeed ZeRO 3 (QLoRA runs as DDP, "
                          "each rank holding the 4-bit base)")
-    if plan.mode == "fsdp" and cfg.finetuning_type != "full":
-        raise ValueError(f"FSDP2 with finetuning_type {cfg.finetuning_type} is not supported yet: the adapter "
-                         "would have to be gathered to rank 0 to be saved; LoRA runs as DDP (drop fsdp / ZeRO 3)")
+    if plan.mode == "fsdp" and cfg.finetuning_type == "lora":
+        init = [key for key, on in (("use_adalora", cfg.use_adalora), ("pissa_init", cfg.pissa_init),
+                                    ("loraga_init", cfg.loraga_init)) if on]
+        if init:
+            raise ValueError(f"{init[0]} with FSDP2 is refused: its adapter is converted against values outside the "
+                             "sharded weights when saved (AdaLoRA: importance scores and masks per step); drop "
+                             "fsdp/deepspeed ZeRO 3 (it runs as DDP)")
     return plan
 
 
@@ -117,7 +130,13 @@ class Sharded:
     module: nn.Module  # DDP(LossForward) or fully_shard(LossForward)
     world: World
 
+    @property
+    def fsdp(self) -> bool:
+        """The weights are FSDP2's shards (DTensors): saving gathers them, every rank taking part."""
+        return self.plan.mode == "fsdp"
+
     def loss(self, batch: dict, chunked: bool) -> tuple[torch.Tensor, int]:
+        """(loss summed over label tokens, their count) of `batch`."""
         return self.module(batch, chunked)
 
     def sync(self, last: bool):
@@ -126,6 +145,22 @@ class Sharded:
             return contextlib.nullcontext() if last else self.module.no_sync()
         self.module.set_requires_gradient_sync(last)
         return contextlib.nullcontext()
+
+    def describe(self, per_device: int, accumulation: int, n_items: int) -> list[str]:
+        """The start-up lines of a run with several ranks: world size, backend, global batch, DDP or FSDP2 (and
+        what a deepspeed key mapped to), how the last global micro-batch of an epoch splits (`n_items` per epoch)."""
+        world, plan = self.world, self.plan
+        lines = [world.describe(per_device, accumulation), plan.describe() + (f"; {plan.mapped}" if plan.mapped
+                                                                             else "")]
+        tail = n_items % (per_device * world.size)
+        if tail:
+            shares = [rank_share(list(range(tail)), r, world.size) for r in range(world.size)]
+            sizes = [0 if padding else len(part) for part, padding in shares]
+            items = f"{tail} item{'s' if tail > 1 else ''}"
+            lines.append(f"uneven tail: each epoch's last global micro-batch has {items}, split {sizes} over the "
+                         "ranks" + ("; a rank with none trains on a padding item with weight 0 (nothing dropped)"
+                                    if tail < world.size else " (nothing padded or dropped)"))
+        return lines
 
 
 def shard(trainable: Trainable, plan: Plan, world: World, device: torch.device, find_unused: bool) -> Sharded:

@@ -45,7 +45,7 @@ from . import checkpoint as ckpt
 from .attention import NAME as PACKED_ATTENTION
 from .config import TrainConfig
 from .cpu_levers import CPU_PIECE_TOKENS, CPU_SPLIT_ABOVE, apply_model_levers, row_pieces, token_rounding
-from .distributed import DistributedError, World, join, leave, lost_contact, reason
+from .distributed import World, joined
 from .loraga_init import estimate_lora_ga
 from .loss import IGNORE_INDEX, causal_lm_loss, check_chunked_route, shifted_targets
 from .methods import Trainable, lora_config_for, make_optimizer, make_trainable, quantization_of
@@ -289,7 +289,7 @@ class Trainer:
 
     @property
     def fsdp(self) -> bool:
-        return self.sharded is not None and self.sharded.plan.mode == "fsdp"
+        return self.sharded is not None and self.sharded.fsdp
 
     def resume(self, path: Path) -> None:
         """Continue from checkpoint `path`; CheckpointError (one line) when its schedule is not this run's."""
@@ -410,16 +410,8 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
     `on_step(trainer)` is called after every optimizer step (tests use it). Under torchrun every rank calls this
     (distributed.py); a rank that loses the others raises DistributedError (one line) and writes nothing more.
     """
-    world, device = join(cfg.device, cfg.ddp_backend, cfg.ddp_timeout)
-    try:
+    with joined(cfg.device, cfg.ddp_backend, cfg.ddp_timeout) as (world, device):
         return train_ranks(cfg, world, device, on_step)
-    except Exception as exc:
-        if world.distributed and lost_contact(exc):
-            raise DistributedError(f"rank {world.rank} lost the other ranks ({reason(exc)}); stopping, nothing more "
-                                   f"is written") from None
-        raise
-    finally:
-        leave(world)
 
 
 def train_ranks(cfg: TrainConfig, world: World, device: torch.device | None, on_step=None) -> dict:
@@ -456,9 +448,9 @@ def train_ranks(cfg: TrainConfig, world: World, device: torch.device | None, on_
     trainer = Trainer(cfg, trainable, tokenizer, data, device, amp_dtype, world)
     reason = check_chunked_route(model, trainer.collate(trainer.epoch_order(0)[0])[0])
     trainer.chunked = reason is None
-    if world.distributed:
-        trainer.distribute(sharding)
     apply_model_levers(model, amp_dtype, packed=data.packed, lora=trainable.lora is not None)  # after the fp32 check
+    if world.distributed:  # after the levers: FSDP2 shards the frozen base in the dtype they leave it in
+        trainer.distribute(sharding)
     if plan.resume:
         trainer.resume(plan.resume)
     out, log = Path(cfg.output_dir), None
@@ -498,30 +490,16 @@ def describe_run(trainer: Trainer, model, loss_reason: str | None, resume: Path 
         say(f"resuming from {resume} at step {trainer.step} (epoch {trainer.epoch_float:.2f}, "
             f"{trainer.state.examples_consumed} {'rows' if trainer.data.packed else 'examples'} consumed)")
     if trainer.world.distributed:
-        describe_ranks(trainer)
+        for line in trainer.sharded.describe(cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
+                                             len(trainer.lengths)):
+            say(line)
     say(f"output: {cfg.output_dir}")
-
-
-def describe_ranks(trainer: Trainer) -> None:
-    """World size, backend, global batch, DDP or FSDP2 (and what a deepspeed key mapped to), an uneven tail."""
-    cfg, world = trainer.cfg, trainer.world
-    say(world.describe(cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps))
-    plan = trainer.sharded.plan
-    say(plan.describe() + (f"; {plan.mapped}" if plan.mapped else ""))
-    tail = len(trainer.lengths) % (cfg.per_device_train_batch_size * world.size)
-    if tail:
-        shares = [rank_share(list(range(tail)), r, world.size) for r in range(world.size)]
-        sizes = [0 if padding else len(part) for part, padding in shares]
-        items = f"{tail} item{'s' if tail > 1 else ''}"
-        say(f"uneven tail: each epoch's last global micro-batch has {items}, split {sizes} over the ranks"
-            + ("; a rank with none trains on a padding item with weight 0 (nothing dropped)" if tail < world.size
-               else " (nothing padded or dropped)"))
 
 
 def finish(trainer: Trainer, out: Path) -> dict:
     """Final adapter (or model) + tokenizer + results + plots into output_dir (rank 0; FSDP2's weights are
     gathered to it first, every rank taking part)."""
-    weights = ckpt.gathered_weights(trainer.model) if trainer.fsdp else None
+    weights = ckpt.gathered_weights(trainer.trainable) if trainer.fsdp else None
     if not trainer.world.is_main:
         return {"status": "completed", "global_step": trainer.step}
     ckpt.save_weights(trainer.trainable, out, weights)
