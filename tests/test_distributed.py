@@ -80,6 +80,12 @@ def test_fsdp_keys_and_refusals(tmp_path):
         plan_for(_config(tmp_path, "finetuning_type=full", "fsdp=hybrid_shard"))
     with pytest.raises(ValueError, match="QLoRA with FSDP2 is refused: .*packed"):
         plan_for(_config(tmp_path, "quantization_bit=4", "fsdp=full_shard"))
+    assert plan_for(_config(tmp_path, "fsdp=full_shard")).mode == "fsdp"  # lora on a base too big for one device
+    assert plan_for(_config(tmp_path, "finetuning_type=freeze", "fsdp=full_shard", "fsdp_offload=true")).offload
+    assert plan_for(_config(tmp_path, f"deepspeed={_ds(tmp_path, 3)}")).mode == "fsdp"  # lora under ZeRO 3
+    for key in ("use_adalora", "pissa_init", "loraga_init"):
+        with pytest.raises(ValueError, match=f"^{key} with FSDP2 is refused: .*it runs as DDP"):
+            plan_for(_config(tmp_path, f"{key}=true", "fsdp=full_shard"))
     with pytest.raises(ValueError, match="deepspeed and fsdp are both set"):
         plan_for(_config(tmp_path, "finetuning_type=full", "fsdp=full_shard", f"deepspeed={_ds(tmp_path, 3)}"))
 

@@ -1,5 +1,6 @@
-"""Real processes on 127.0.0.1 (gloo): several ranks against one process, resume across world sizes, two "nodes",
-a dead rank and a Ctrl-C on one rank. Tiny models, a few steps; every process has a timeout."""
+"""Real processes on 127.0.0.1 (gloo): several ranks against one process (DDP, and FSDP2 for full, freeze and LoRA),
+resume across world sizes, two "nodes", a dead rank and a Ctrl-C on one rank. Tiny models, a few steps; every
+process has a timeout."""
 
 from __future__ import annotations
 
@@ -124,10 +125,51 @@ def test_two_ranks_train_the_adapter_of_one_process(tiny, lora_one, lora_two):
     assert len(state["rng_by_rank"]) == 2 and state["examples_consumed"] == 13 and state["schedule"]["world_size"] == 2
 
 
-def test_the_adapter_of_two_ranks_loads_in_peft_with_lorakits_logits(tiny, lora_two):
+@pytest.fixture(scope="module")
+def lora_fsdp(tiny):
+    """LoRA under FSDP2 (HF's fsdp: full_shard) on 2 ranks, 2 per micro-batch each."""
+    out = tiny / "lora_fsdp"
+    procs = _ranks(_args(tiny, out, "per_device_train_batch_size=2", "fsdp=full_shard"))
+    logs = [p.communicate(timeout=TIMEOUT)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    return out, logs[0]
+
+
+def test_fsdp2_lora_on_two_ranks_trains_the_adapter_of_one_process(tiny, lora_one, lora_fsdp):
+    """The final adapter and checkpoint-2 are the files of one process (fp32, tight), gathered tensor by tensor."""
+    out, log = lora_fsdp
+    assert "sharding: FSDP2 full shard" in log and log.count("saved adapter to") == 1
+    for sub in ("", "checkpoint-2"):
+        _same(out / sub, lora_one / sub)
+        assert json.loads((out / sub / "adapter_config.json").read_text()) == \
+            json.loads((lora_one / sub / "adapter_config.json").read_text())
+    one, two = (json.loads((p / "train_results.json").read_text()) for p in (lora_one, out))
+    assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-6)  # eval through the sharded layers
+    saved = torch.load(out / "checkpoint-2" / "optimizer.pt", weights_only=True)["optimizer"]
+    assert all(".lora_" in name for name in saved["state"]) and len(saved["state"]) == len(load_file(
+        str(out / "checkpoint-2" / "adapter_model.safetensors")))  # whole AdamW state, by name, adapter only
+
+
+def test_fsdp2_lora_resumes_two_ranks_to_one_and_one_to_two(tiny, lora_one, lora_fsdp):
+    out, _ = lora_fsdp
+    two_to_one, one_to_two = tiny / "fsdp21", tiny / "fsdp12"
+    shutil.copytree(out / "checkpoint-2", two_to_one / "checkpoint-2")
+    assert _one(tiny, two_to_one, "per_device_train_batch_size=4", "resume_from_checkpoint=true")["global_step"] == 3
+    _same(two_to_one, lora_one)
+    shutil.copytree(lora_one / "checkpoint-2", one_to_two / "checkpoint-2")
+    procs = _ranks(_args(tiny, one_to_two, "per_device_train_batch_size=2", "fsdp=full_shard",
+                         "resume_from_checkpoint=true"))
+    logs = [p.communicate(timeout=TIMEOUT)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert "made by 1 rank(s), this run has 2" in logs[0]
+    _same(one_to_two, lora_one)
+
+
+@pytest.mark.parametrize("fixture", ["lora_two", "lora_fsdp"])
+def test_the_adapter_of_two_ranks_loads_in_peft_with_lorakits_logits(tiny, fixture, request):
     from transformers import AutoModelForCausalLM
 
-    out, _ = lora_two
+    out, _ = request.getfixturevalue(fixture)
     tokens = torch.randint(3, 60, (2, 10), generator=torch.Generator().manual_seed(0))
     theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny / "model"), out).eval()
     ours = LoraModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny / "model"), out).eval()
@@ -145,19 +187,23 @@ def test_resume_two_ranks_to_one(tiny, lora_one, lora_two):
 
 
 def test_freeze_qlora_and_fsdp2_full_on_two_ranks_equal_one_process(tiny):
-    """freeze with gradient checkpointing and length grouping, QLoRA on packed rows, FSDP2 full."""
-    kinds = {"freeze": ("model.safetensors", "finetuning_type=freeze", "gradient_checkpointing=true",
-                        "group_by_length=true"),
+    """freeze with gradient checkpointing and length grouping (DDP, and FSDP2 against the same one-process run),
+    QLoRA on packed rows, FSDP2 full."""
+    freeze = ("finetuning_type=freeze", "gradient_checkpointing=true", "group_by_length=true")
+    kinds = {"freeze": ("model.safetensors", *freeze),
+             "freeze_fsdp": ("model.safetensors", *freeze, "fsdp=full_shard"),
              "qlora": ("adapter_model.safetensors", "quantization_bit=4", "quantization_method=lorakit", "packing=true",
                        "cutoff_len=64"),
              "full": ("model.safetensors", "finetuning_type=full")}
     for kind, (name, *keys) in kinds.items():
-        one, two = tiny / f"{kind}1", tiny / f"{kind}2"
-        _one(tiny, one, "per_device_train_batch_size=4", "learning_rate=1e-3", *keys)
+        one, two = tiny / f"{kind.split('_')[0]}1", tiny / f"{kind}2"
+        if kind != "freeze_fsdp":  # one process: fsdp keys change nothing
+            _one(tiny, one, "per_device_train_batch_size=4", "learning_rate=1e-3", *keys)
         procs = _ranks(_args(tiny, two, "per_device_train_batch_size=2", "learning_rate=1e-3", *keys))
         logs = [p.communicate(timeout=TIMEOUT)[1] for p in procs]
         assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
-        assert ("sharding: FSDP2 full shard" if kind == "full" else "sharding: DDP") in logs[0]
+        fsdp = kind in ("full", "freeze_fsdp")
+        assert ("sharding: FSDP2 full shard" if fsdp else "sharding: DDP") in logs[0]
         _same(two, one, name, atol=1e-5)
     _one(tiny, tiny / "full2", "per_device_train_batch_size=4", "finetuning_type=full", "learning_rate=1e-3",
          "resume_from_checkpoint=true")  # FSDP2's gathered checkpoint, resumed by one process
