@@ -63,7 +63,21 @@ def pad_collate(examples: list[dict], pad_token_id: int, pad_to_multiple_of: int
         input_ids[row, :n] = torch.tensor(e["input_ids"])
         labels[row, :n] = torch.tensor(e["labels"])
         attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return {**batch, **replay_mask(examples, width)}
+
+
+def replay_mask(items: list[dict], width: int) -> dict:
+    """{"replay": (B, T) bool, True on the tokens of replay examples} when any item is marked (an example's
+    "replay": True, a packed row's "replay": one bool per token); {} otherwise."""
+    if not any("replay" in item for item in items):
+        return {}
+    mask = torch.zeros((len(items), width), dtype=torch.bool)  # (B, T)
+    for row, item in enumerate(items):
+        marks = item.get("replay", False)
+        n = len(item["input_ids"])
+        mask[row, :n] = torch.tensor(marks) if isinstance(marks, list) else bool(marks)
+    return {"replay": mask}
 
 
 def pack_examples(examples: list[dict], max_len: int) -> list[dict]:
@@ -100,6 +114,8 @@ def _join(parts: list[dict]) -> dict:
         row["labels"] += [IGNORE_INDEX] + list(e["labels"][1:])  # the first token is never a target
         row["position_ids"] += list(range(n))
         row["lengths"].append(n)
+    if any("replay" in e for e in parts):
+        row["replay"] = [bool(e.get("replay", False)) for e in parts for _ in e["input_ids"]]
     return row
 
 
@@ -118,7 +134,7 @@ def collate_packed(rows: list[dict], pad_token_id: int, round_width: Callable[[i
         labels[row, :n] = torch.tensor(r["labels"])
         position_ids[row, :n] = torch.tensor(r["position_ids"])
         position_ids[row, n:] -= n  # the padding tail is a sequence of its own, starting at 0
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, **replay_mask(rows, width)}
 
 
 def packed_attention_mask(position_ids: torch.Tensor, dtype: torch.dtype = torch.bool) -> torch.Tensor:

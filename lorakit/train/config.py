@@ -169,6 +169,10 @@ class TrainConfig:
     self_replay_max_new_tokens: int = 64
     """self_replay: longest generated answer in tokens; one not finished by then is cut after its last whole
     sentence (left out when it has none)."""
+    replay_kl_weight: float = 0.0
+    """Distil the base model on replay rows: their label tokens learn (1 - w) the label and w the base's whole
+    next-token distribution (w KL(P_base || P), the base from a no-grad forward with the adapter off; about a
+    third more compute on replay rows). In [0, 1]; lora/qlora only. 0 is off."""
 
     # --- output
     output_dir: str = "saves/lorakit"
@@ -370,6 +374,12 @@ def _value_problems(c) -> list[str]:
         (not (c.self_replay and c.stage == "pt"), "self_replay needs stage: sft (the base answers chat prompts)"),
         (c.self_replay_max_new_tokens >= 1,
          f"self_replay_max_new_tokens must be at least 1, got {c.self_replay_max_new_tokens}"),
+        (0 <= c.replay_kl_weight <= 1, f"replay_kl_weight must be in [0, 1], got {c.replay_kl_weight}"),
+        (c.replay_kl_weight == 0 or c.replay_ratio > 0,
+         "replay_kl_weight is set but replay_ratio is 0: the KL term runs on replay rows; give replay_ratio"),
+        (c.replay_kl_weight == 0 or c.finetuning_type in ("lora", "qlora"),
+         f"replay_kl_weight needs finetuning_type lora or qlora (the base is the model with the adapter off), "
+         f"not {c.finetuning_type}"),
         (c.val_size >= 0 and (c.val_size < 1 or float(c.val_size).is_integer()),
          f"val_size must be a fraction in [0, 1) or a whole number of examples, got {c.val_size}"),
         (bool(str(c.output_dir).strip()), "output_dir is empty"),

@@ -18,9 +18,22 @@ logits are more than `head(h)` (soft-capping, logit scales) use their own forwar
 The functions return the loss *summed* over label tokens plus the token count, so the trainer can divide by the
 label tokens of the whole optimizer step (averaging per-micro-batch means would give the tokens of label-poor
 micro-batches more weight).
+
+Distillation to the base (`Distill`, the `replay_kl_weight` key): on the label tokens of replay rows (batch key
+`replay`, (B, T) bool) the target is a mix of the label and the base model's own next-token distribution,
+
+    q = (1 - w) onehot(label) + w P_base          P_base from a no-grad forward with the adapters disabled
+    loss = CE(q, P) - w H(P_base) = (1 - w) CE(label, P) + w KL(P_base || P)
+
+so d loss / d logits = softmax(logits) - q: the same chunked head as the plain loss, with the teacher's rows of
+the same chunk. Only rows holding replay tokens run the teacher forward.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +48,27 @@ IGNORE_INDEX = -100
 # config attributes that change logits after the head; a model with any of them set takes the plain route
 _LOGIT_MODIFIERS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale",
                     "lm_head_multiplier", "mup_width_multiplier", "output_logits_scaling")
+
+
+REPLAY_KEY = "replay"  # (B, T) bool batch key: the token belongs to a replay row (collated only with Distill on)
+
+
+@dataclass(frozen=True)
+class Distill:
+    """Replay rows learn the base's next-token distribution with weight `weight` in (0, 1] (module docstring);
+    `base()` is a context in which the model runs without its adapters (LoraModel.disable_adapter)."""
+
+    weight: float
+    base: Callable[[], AbstractContextManager]
+
+
+def distill_problem(model: nn.Module) -> str | None:
+    """Why replay_kl_weight cannot run on this model (its head is trained, or the chunked route is off), or None."""
+    head = model.get_output_embeddings()
+    if type(head) is not nn.Linear:
+        return (f"replay_kl_weight needs a plain, frozen output head; this model's is a {type(head).__name__} "
+                "(lm_head trained by LoRA or modules_to_save)")
+    return plain_route_reason(model)
 
 
 def shifted_targets(labels: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -67,30 +101,58 @@ def plain_route_reason(model: nn.Module) -> str | None:
     return None
 
 
-def causal_lm_loss(model: nn.Module, batch: dict, chunked: bool = True,
-                   chunk_size: int | None = None) -> tuple[torch.Tensor, int]:
+def causal_lm_loss(model: nn.Module, batch: dict, chunked: bool = True, chunk_size: int | None = None,
+                   distill: Distill | None = None) -> tuple[torch.Tensor, int]:
     """(loss summed over label tokens, number of label tokens) of `batch` under the transformers `model`.
 
-    `batch` holds input_ids, labels and attention_mask or position_ids. `chunked` False takes the plain route:
-    the model's own forward to full logits, then the same summed cross-entropy. `chunk_size` rows of logits exist
-    at a time (default: about 64 MB of them, see `default_chunk`).
+    `batch` holds input_ids, labels and attention_mask or position_ids (and `replay` rows with `distill`).
+    `chunked` False takes the plain route: the model's own forward to full logits, then the same summed
+    cross-entropy. `chunk_size` rows of logits exist at a time (default: about 64 MB of them, see
+    `default_chunk`). With `distill`, replay tokens learn the base's distribution too (module docstring).
     """
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    replay = batch.get(REPLAY_KEY)
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", REPLAY_KEY)}
     targets = shifted_targets(batch["labels"], batch.get("position_ids"))
     mask = targets != IGNORE_INDEX  # (B, T-1)
     count = int(mask.sum())
     packed = "position_ids" in inputs and "attention_mask" not in inputs
     if packed and getattr(model.config, "_attn_implementation", None) == PACKED_ATTENTION:
         mark_packed(inputs["position_ids"])  # only then: the spans are read on the host (a sync on a GPU)
+    if distill is not None and replay is not None and bool(replay.any()):
+        if not chunked:
+            raise ValueError(f"replay_kl_weight needs the chunked loss ({plain_route_reason(model)})")
+        return distilled_loss(model, inputs, targets, mask, replay[:, 1:] & mask, distill, chunk_size), count
     if chunked:
         hidden = model.base_model(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
         rows = hidden[:, :-1][mask]  # (N, H)
         head = model.get_output_embeddings()
-        size = chunk_size or default_chunk(getattr(head, "out_features", 0) or getattr(model.config, "vocab_size", 0))
-        return head_cross_entropy(rows, targets[mask], head, size), count
+        return head_cross_entropy(rows, targets[mask], head, chunk_size or head_chunk(model, head)), count
     logits = model(**inputs, use_cache=False).logits  # (B, T, V)
     picked = logits[:, :-1][mask]  # (N, V)
     return F.cross_entropy(picked.float(), targets[mask], reduction="sum"), count
+
+
+def head_chunk(model: nn.Module, head: nn.Module) -> int:
+    return default_chunk(getattr(head, "out_features", 0) or getattr(model.config, "vocab_size", 0))
+
+
+def distilled_loss(model: nn.Module, inputs: dict, targets: torch.Tensor, mask: torch.Tensor, taught: torch.Tensor,
+                   distill: Distill, chunk_size: int | None) -> torch.Tensor:
+    """Label CE on task tokens plus (1 - w) CE + w KL(P_base || P) on replay tokens (`taught`, (B, T-1) bool)."""
+    hidden = model.base_model(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
+    head = model.get_output_embeddings()
+    if type(head) is not nn.Linear:
+        raise ValueError(distill_problem(model))
+    size = chunk_size or head_chunk(model, head)
+    taught_rows = taught.any(dim=1)  # (B,) rows that hold replay tokens: only those run the teacher
+    with torch.no_grad(), distill.base():
+        teacher_inputs = {k: v[taught_rows] for k, v in inputs.items()}
+        teacher = model.base_model(**teacher_inputs, use_cache=False).last_hidden_state  # (b, T, H)
+        teacher_rows = teacher[:, :-1][taught[taught_rows]]  # (M, H)
+    plain = mask & ~taught  # (B, T-1)
+    loss = head_cross_entropy(hidden[:, :-1][plain], targets[plain], head, size)
+    return loss + _LinearCrossEntropy.apply(hidden[:, :-1][taught], head.weight, head.bias, targets[taught], size,
+                                            teacher_rows, distill.weight)
 
 
 def head_cross_entropy(rows: torch.Tensor, targets: torch.Tensor, head: nn.Module, chunk_size: int) -> torch.Tensor:
@@ -119,11 +181,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
     d loss / d logits = softmax(logits) - onehot(target), so per chunk (n rows, V classes):
         grad_rows = G @ W        # (n, H)
         grad_W   += G.T @ rows   # (V, H), only when W trains (full fine-tuning)
-    and the backward only scales the stored gradients by the incoming scalar.
+    and the backward only scales the stored gradients by the incoming scalar. With `teacher` rows (N, H) (the
+    base's hidden states at the same positions) and weight w, the target is (1 - w) onehot + w softmax(teacher @ W.T)
+    and the loss (1 - w) CE + w KL(P_teacher || P): G = softmax - target.
     """
 
     @staticmethod
-    def forward(ctx, rows, weight, bias, targets, chunk_size):
+    def forward(ctx, rows, weight, bias, targets, chunk_size, teacher=None, kl_weight=0.0):
         need_rows, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_bias = bias is not None and ctx.needs_input_grad[2]
         grad_rows = torch.empty_like(rows) if need_rows else None
@@ -144,11 +208,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logits = F.linear(F.pad(piece, (0, 0, 0, extra)) if extra else piece, weight_mm, bias_mm)
             logits = logits[:n].float()  # (n, V); matmul in the autocast dtype
             lse = torch.logsumexp(logits, dim=-1)  # (n,)
-            total += (lse - logits.gather(1, goal[:, None]).squeeze(1)).sum()
+            total += (1.0 - kl_weight) * (lse - logits.gather(1, goal[:, None]).squeeze(1)).sum()
+            logp = logits.sub_(lse[:, None])  # log-softmax, in place of the logits, (n, V)
+            if teacher is not None:
+                taught = teacher[start:start + chunk_size]
+                t_logits = F.linear(F.pad(taught, (0, 0, 0, extra)) if extra else taught, weight_mm, bias_mm)
+                t_logp = torch.log_softmax(t_logits[:n].float(), dim=-1)  # (n, V)
+                t_prob = t_logp.exp()
+                total += kl_weight * (t_prob * (t_logp - logp)).sum()  # KL(P_teacher || P)
             if not (need_rows or need_weight or need_bias):
                 continue
-            grad = torch.exp(logits.sub_(lse[:, None]))  # softmax, in place of the logits, (n, V)
-            grad[torch.arange(goal.shape[0], device=goal.device), goal] -= 1.0
+            grad = logp.exp_()  # softmax, in place of the log-softmax, (n, V)
+            grad[torch.arange(goal.shape[0], device=goal.device), goal] -= 1.0 - kl_weight
+            if teacher is not None:
+                grad.sub_(t_prob, alpha=kl_weight)
             if need_rows:
                 grad_mm = grad.to(weight_mm.dtype)
                 grad_mm = F.pad(grad_mm, (0, 0, 0, extra)) if extra else grad_mm
@@ -169,7 +242,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (grad_rows * scale.to(grad_rows.dtype) if grad_rows is not None else None,
                 (grad_weight * scale).to(weight_dtype) if grad_weight is not None else None,
                 (grad_bias * scale).to(bias_dtype) if grad_bias is not None else None,
-                None, None)
+                None, None, None, None)
 
 
 def check_chunked_route(model: nn.Module, batch: dict, max_tokens: int = 256) -> str | None:

@@ -157,10 +157,13 @@ def prepare_data(cfg: TrainConfig, records: list[dict], tokenizer, replay: Repla
     if replay is not None:  # replay rows join the training examples only, never the validation split
         def encode(record: dict) -> dict | None:
             rows, _ = encode_records([record], tokenizer, template, cutoff_len=cfg.cutoff_len)
-            return rows[0] if rows else None
+            if not rows:
+                return None
+            return {**rows[0], "replay": True} if cfg.replay_kl_weight else rows[0]  # marked for the KL term
 
         train, line = mix_replay(train, replay.records, cfg.replay_ratio, cfg.seed, encode)
-        stats = {**stats, "replay": f"{line}; {replay.source}"}
+        kl = f"; KL to the base on their labels, weight {cfg.replay_kl_weight:g}" if cfg.replay_kl_weight else ""
+        stats = {**stats, "replay": f"{line}{kl}; {replay.source}"}
     items = pack_examples(train, cfg.cutoff_len) if cfg.packing else train
     return Data(items, val, stats, len(train), bool(cfg.packing))
 

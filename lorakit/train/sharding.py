@@ -35,7 +35,7 @@ from torch import nn
 from ..data.batching import rank_share
 from .config import TrainConfig
 from .distributed import DistributedError, World
-from .loss import causal_lm_loss
+from .loss import Distill, causal_lm_loss
 from .methods import Trainable, decoder_layers
 
 FSDP_WORDS = ("full_shard", "shard_grad_op", "offload", "auto_wrap")
@@ -112,14 +112,15 @@ def plan_for(cfg: TrainConfig) -> Plan:
 
 
 class LossForward(nn.Module):
-    """forward(batch, chunked) = causal_lm_loss(model, batch, chunked): (loss summed over label tokens, count)."""
+    """forward(batch, chunked, distill) = causal_lm_loss(model, batch, chunked, distill=distill): (loss summed over
+    label tokens, count)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, batch: dict, chunked: bool = True) -> tuple[torch.Tensor, int]:
-        return causal_lm_loss(self.model, batch, chunked=chunked)
+    def forward(self, batch: dict, chunked: bool = True, distill: Distill | None = None) -> tuple[torch.Tensor, int]:
+        return causal_lm_loss(self.model, batch, chunked=chunked, distill=distill)
 
 
 @dataclass
@@ -135,9 +136,9 @@ class Sharded:
         """The weights are FSDP2's shards (DTensors): saving gathers them, every rank taking part."""
         return self.plan.mode == "fsdp"
 
-    def loss(self, batch: dict, chunked: bool) -> tuple[torch.Tensor, int]:
+    def loss(self, batch: dict, chunked: bool, distill: Distill | None = None) -> tuple[torch.Tensor, int]:
         """(loss summed over label tokens, their count) of `batch`."""
-        return self.module(batch, chunked)
+        return self.module(batch, chunked, distill)
 
     def sync(self, last: bool):
         """Context for one backward: the gradient reduction runs only for the last of a step (`last`)."""

@@ -47,7 +47,7 @@ from .config import TrainConfig
 from .cpu_levers import CPU_PIECE_TOKENS, CPU_SPLIT_ABOVE, apply_model_levers, row_pieces, token_rounding
 from .distributed import World, joined
 from .loraga_init import estimate_lora_ga
-from .loss import IGNORE_INDEX, causal_lm_loss, check_chunked_route, shifted_targets
+from .loss import IGNORE_INDEX, Distill, causal_lm_loss, check_chunked_route, distill_problem, shifted_targets
 from .methods import Trainable, lora_config_for, make_optimizer, make_trainable, quantization_of
 from .prepare import Data, clear_previous_run, preflight, prepare_data, steps_per_epoch
 from .rank_allocation import RankAllocation
@@ -122,6 +122,8 @@ class Trainer:
         self.ranks = RankAllocation(trainable.lora, total) if cfg.use_adalora else None  # AdaLoRA's schedule
         self.inside_step = False  # from a step's boundary until its optimizer step is done
         self.chunked = True
+        self.distill = Distill(cfg.replay_kl_weight, trainable.lora.disable_adapter) \
+            if cfg.replay_kl_weight and trainable.lora is not None else None  # replay rows learn the base too
         self.window = {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}  # since the last metrics line
         self.run_tokens, self.run_seconds, self.run_losses = 0, 0.0, []  # this process's steps
 
@@ -231,8 +233,8 @@ class Trainer:
     def forward_loss(self, batch: dict) -> tuple[torch.Tensor, int]:
         """(loss summed over label tokens, their count): through DDP / FSDP2 with several ranks."""
         if self.sharded is None:
-            return causal_lm_loss(self.model, batch, chunked=self.chunked)
-        return self.sharded.loss(batch, self.chunked)
+            return causal_lm_loss(self.model, batch, chunked=self.chunked, distill=self.distill)
+        return self.sharded.loss(batch, self.chunked, self.distill)
 
     def sync(self, last: bool):
         """The gradient reduction runs in the last backward of a step only (DDP no_sync, FSDP2 gradient sync)."""
@@ -448,6 +450,8 @@ def train_ranks(cfg: TrainConfig, world: World, device: torch.device | None, on_
     trainer = Trainer(cfg, trainable, tokenizer, data, device, amp_dtype, world)
     reason = check_chunked_route(model, trainer.collate(trainer.epoch_order(0)[0])[0])
     trainer.chunked = reason is None
+    if trainer.distill is not None and distill_problem(model):
+        raise ValueError(distill_problem(model))
     apply_model_levers(model, amp_dtype, packed=data.packed, lora=trainable.lora is not None)  # after the fp32 check
     if world.distributed:  # after the levers: FSDP2 shards the frozen base in the dtype they leave it in
         trainer.distribute(sharding)
