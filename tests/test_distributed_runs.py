@@ -151,17 +151,20 @@ def test_fsdp2_lora_on_two_ranks_trains_the_adapter_of_one_process(tiny, lora_on
 
 
 def test_fsdp2_lora_resumes_two_ranks_to_one_and_one_to_two(tiny, lora_one, lora_fsdp):
+    """2 -> 1 from the fsdp: full_shard run; 1 -> 2 under DeepSpeed ZeRO 3 offload (read as FSDP2 + CPU offload)."""
     out, _ = lora_fsdp
     two_to_one, one_to_two = tiny / "fsdp21", tiny / "fsdp12"
     shutil.copytree(out / "checkpoint-2", two_to_one / "checkpoint-2")
     assert _one(tiny, two_to_one, "per_device_train_batch_size=4", "resume_from_checkpoint=true")["global_step"] == 3
     _same(two_to_one, lora_one)
     shutil.copytree(lora_one / "checkpoint-2", one_to_two / "checkpoint-2")
-    procs = _ranks(_args(tiny, one_to_two, "per_device_train_batch_size=2", "fsdp=full_shard",
+    zero3 = tiny / "ds_z3_offload.json"  # LLaMA-Factory's ZeRO 3 with the optimizer offloaded: FSDP2 + CPU offload
+    zero3.write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}))
+    procs = _ranks(_args(tiny, one_to_two, "per_device_train_batch_size=2", f"deepspeed={zero3}",
                          "resume_from_checkpoint=true"))
     logs = [p.communicate(timeout=TIMEOUT)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
-    assert "made by 1 rank(s), this run has 2" in logs[0]
+    assert "made by 1 rank(s), this run has 2" in logs[0] and "runs as FSDP2 full shard + CPU offload" in logs[0]
     _same(one_to_two, lora_one)
 
 
