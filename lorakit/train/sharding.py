@@ -171,8 +171,8 @@ def shard(trainable: Trainable, plan: Plan, world: World, device: torch.device, 
     every rank computes alike), so ranks may run different numbers of forward passes per micro-batch; only the
     backward syncs."""
     root = LossForward(trainable.model)
+    check_same_weights(trainable, world)
     if plan.mode == "ddp":
-        check_same_weights(trainable, world)
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [device.index] if device.type == "cuda" else None
@@ -194,8 +194,8 @@ def shard(trainable: Trainable, plan: Plan, world: World, device: torch.device, 
 
 
 def check_same_weights(trainable: Trainable, world: World) -> None:
-    """DDP starts from the weights each rank loaded (no broadcast of the frozen base): check the trainable ones
-    agree (one gather of a checksum per rank)."""
+    """DDP and FSDP2 start from the weights each rank loaded (no broadcast; FSDP2 keeps each rank's own slice of
+    its copy): check the trainable ones agree (one gather of a checksum per rank)."""
     with torch.no_grad():
         total = sum(float(p.double().abs().sum()) for _, p in trainable.named_trainable())
     sums = world.gather(total)

@@ -42,7 +42,6 @@ from ..device import autocast_dtype, pick_device
 from ..files import write_file
 from ..models import load_model
 from . import checkpoint as ckpt
-from .attention import NAME as PACKED_ATTENTION
 from .config import TrainConfig
 from .cpu_levers import CPU_PIECE_TOKENS, CPU_SPLIT_ABOVE, apply_model_levers, row_pieces, token_rounding
 from .distributed import World, joined
@@ -51,10 +50,11 @@ from .loss import IGNORE_INDEX, Distill, causal_lm_loss, check_chunked_route, di
 from .methods import Trainable, lora_config_for, make_optimizer, make_trainable, quantization_of
 from .prepare import Data, clear_previous_run, preflight, prepare_data, steps_per_epoch
 from .rank_allocation import RankAllocation
-from .report import MetricsLog, human, plot_loss
+from .report import MetricsLog, plot_loss
 from .schedule import get_lr, warmup_steps_for
 from .self_replay import build_replay
 from .sharding import Sharded, plan_for, shard
+from .startup import startup_lines
 from .state import Schedule, TrainerState, capture_rng
 
 RESULTS_FILE = "train_results.json"  # written beside the adapter, with TRAINING_ARGS (training_args.yaml)
@@ -464,40 +464,12 @@ def train_ranks(cfg: TrainConfig, world: World, device: torch.device | None, on_
         out.mkdir(parents=True, exist_ok=True)
         write_file(out / TRAINING_ARGS, cfg.to_yaml())
         log = MetricsLog(out, resume_step=trainer.step if plan.resume else None)
-        describe_run(trainer, model, reason, plan.resume)
+        for line in startup_lines(trainer, model, reason, plan.resume):
+            say(line)
     status = trainer.run(log, on_step)
     if status == "interrupted":
         return {"status": "interrupted", "global_step": trainer.step}
     return finish(trainer, out)
-
-
-def describe_run(trainer: Trainer, model, loss_reason: str | None, resume: Path | None) -> None:
-    cfg = trainer.cfg
-    n_params = trainer.trainable.total_params()
-    say(f"model: {model.name_or_path} ({human(n_params)} parameters) on {trainer.device}")
-    say(trainer.data.describe(cfg))
-    say(f"method: {trainer.trainable.summary}")
-    say(trainer.trainable.counts_line())
-    precision = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}[trainer.amp_dtype]
-    loss = "head on label tokens only, chunked" if loss_reason is None else f"model's own logits ({loss_reason})"
-    checkpointing = "on" if cfg.gradient_checkpointing else "off"
-    attention = getattr(model.config, "_attn_implementation", None) or "the model's default"
-    attention = "per example in packed rows (SDPA)" if attention == PACKED_ATTENTION else attention
-    say(f"precision: {precision}; loss: {loss}; attention: {attention}; gradient checkpointing: {checkpointing}")
-    epochs = f"{cfg.num_train_epochs:g} epochs x " if cfg.max_steps <= 0 else "max_steps; "
-    batch = trainer.schedule.global_micro_batch
-    batch = f"{batch} ({cfg.per_device_train_batch_size} per rank)" if trainer.world.distributed else batch
-    say(f"steps: {trainer.schedule.total_steps} = {epochs}{trainer.per_epoch} steps/epoch ({trainer.n_batches} "
-        f"batches of {batch}, accumulation {cfg.gradient_accumulation_steps}); warmup "
-        f"{trainer.schedule.warmup_steps}; lr {cfg.learning_rate:g} {cfg.lr_scheduler_type}")
-    if resume:
-        say(f"resuming from {resume} at step {trainer.step} (epoch {trainer.epoch_float:.2f}, "
-            f"{trainer.state.examples_consumed} {'rows' if trainer.data.packed else 'examples'} consumed)")
-    if trainer.world.distributed:
-        for line in trainer.sharded.describe(cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
-                                             len(trainer.lengths)):
-            say(line)
-    say(f"output: {cfg.output_dir}")
 
 
 def finish(trainer: Trainer, out: Path) -> dict:
