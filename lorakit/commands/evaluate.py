@@ -14,12 +14,11 @@ any model loads, the data set in any format `lorakit train` reads.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..dtypes import DTYPE_NAMES, canonical_name
+from ..files import write_file
 from .arguments import ConfigError, run_command, say
 
 USAGE = """usage: lorakit eval [CONFIG.yaml] [KEY=VALUE ...] [--adapter DIR | --adapter NAME=DIR ...] [--model M]
@@ -121,7 +120,7 @@ def evaluate_and_report(args: EvalArgs) -> int:
     report = evaluate(args)
     print(format_table(report["models"]))
     if args.output:
-        write_json(Path(args.output), report)
+        write_file(Path(args.output), json.dumps(report, indent=2, ensure_ascii=False) + "\n")
         say("eval", f"results written to {args.output}")
     return 0
 
@@ -175,16 +174,3 @@ def add_retention(rows: list[dict], model, tokenizer, probes, template, stop_ids
                                      batch_size=args.batch_size)
         row.update(kept)
         row["probe_answers"] = answers.texts
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write atomically: a temporary sibling renamed into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)

@@ -17,9 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +26,7 @@ import torch
 
 from ..data import DataError, get_template, load_records
 from ..data.replay import SELF_REPLAY_PROMPTS, Replay, prompts_of, shipped_prompts
+from ..files import write_file
 from .config import TrainConfig
 
 CACHE_DIR = ".lorakit-replay"
@@ -79,7 +78,7 @@ def build_replay(cfg: TrainConfig, source: ReplaySource | None, model, tokenizer
                                  amp_dtype)
         cached = {"version": CACHE_VERSION, "key": key, "model": str(model_path), "prompts": len(source.prompts),
                   "max_new_tokens": cfg.self_replay_max_new_tokens, "records": records}
-        write_json(path, cached)
+        write_file(path, json.dumps(cached, ensure_ascii=False))
         how = f"generated in {time.perf_counter() - start:.0f} s, cached in {path}"
     records = cached["records"]
     if not records:
@@ -143,15 +142,3 @@ def cache_key(model_path: Path, prompts: list[list[dict]], template_id: str, max
 def cache_path(output_dir: str | Path, key: str) -> Path:
     """Beside the output directory, so overwrite_output_dir never removes it."""
     return Path(output_dir).resolve().parent / CACHE_DIR / f"self-replay-{key}.json"
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Atomically: a temporary sibling renamed into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, ensure_ascii=False)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
