@@ -102,12 +102,14 @@ def plan_for(cfg: TrainConfig) -> Plan:
                          "cannot shard with the fp32 LoRA weights; drop fsdp/deepspeed ZeRO 3 (QLoRA runs as DDP, "
                          "each rank holding the 4-bit base)")
     if plan.mode == "fsdp" and cfg.finetuning_type == "lora":
-        init = [key for key, on in (("use_adalora", cfg.use_adalora), ("pissa_init", cfg.pissa_init),
-                                    ("loraga_init", cfg.loraga_init)) if on]
-        if init:
-            raise ValueError(f"{init[0]} with FSDP2 is refused: its adapter is converted against values outside the "
-                             "sharded weights when saved (AdaLoRA: importance scores and masks per step); drop "
-                             "fsdp/deepspeed ZeRO 3 (it runs as DDP)")
+        why = {"use_adalora": "AdaLoRA reads every adapter weight and gradient between steps (importance scores, "
+                              "masks) and saves only the kept triplets",
+               "pissa_init": "the saved adapter is converted against the initial factors (rank 2r)",
+               "loraga_init": "the saved adapter is converted against the initial factors (rank 2r)"}
+        for key in why:
+            if getattr(cfg, key):
+                raise ValueError(f"{key} with FSDP2 is refused: {why[key]}, which lorakit does only on whole "
+                                 "tensors; drop fsdp/deepspeed ZeRO 3 (it runs as DDP)")
     return plan
 
 
