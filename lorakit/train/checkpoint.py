@@ -175,9 +175,9 @@ def load_weights(path: Path, trainable: Trainable, sharded: bool = False) -> Non
 
 
 def gathered_weights(trainable: Trainable) -> dict[str, torch.Tensor]:
-    """What `save_weights` writes of an FSDP2 model, whole, on rank 0's CPU (every rank must call it: it
-    all-gathers): every weight for full/freeze; for lora the adapter's tensors only, under PEFT file keys (one
-    all-gather per tensor, in the same order on every rank; the frozen base is never gathered)."""
+    """What `save_weights` writes of an FSDP2 model, whole, on the CPU (every rank must call it: it all-gathers):
+    for full/freeze every weight, on rank 0 alone; for lora the adapter's tensors only, under PEFT file keys, on
+    every rank (one all-gather per tensor, in the same order on every rank; the frozen base is never gathered)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     if trainable.lora is None:
