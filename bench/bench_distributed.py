@@ -1,19 +1,21 @@
-"""Several processes on one machine: 1 process x 2 threads against 2 processes x 1 thread (gloo), LoRA and full.
+"""Several processes on one machine: 1 process x 2 threads against 2 processes x 1 thread (gloo), LoRA and full
+(and, with --methods lora_fsdp, LoRA under FSDP2 on 2 processes).
 
 A third row per method, 1 process x 1 thread, shows what one core does alone: on a machine other jobs share, a
 2-thread process can lose far more to its threads waiting on each other than a second process loses to gloo.
 
 Each configuration is a real `lorakit train` run (lorakit.train.train in fresh interpreters; the 2-process rows
-get torchrun's variables, so they run DDP for LoRA and FSDP2 for full) on SmolLM2-135M-Instruct, the same global
-batch (8 sequences per step), the same steps, fp32. Per row: real (non-padding) tokens/s over the steps after the
-first, peak RSS of each process, the bytes of the step's collectives, and the share of a step those collectives
-take, timed on the run's own process group at the end of the run with buffers of the same sizes (DDP: one
-all-reduce of the trainable fp32 gradients; FSDP2: the weights all-gathered twice and the gradients
-reduce-scattered once; plus lorakit's two scalar sums). Timed apart from the step, the share is an upper bound:
-DDP overlaps its all-reduce with the backward. A scaling estimate for 8 GPUs and for 2 nodes follows from the
-measured volumes at stated bandwidths and compute rates; it is labelled as an estimate, not a measurement.
+get torchrun's variables, so they run DDP for LoRA, FSDP2 for full and for lora_fsdp) on SmolLM2-135M-Instruct,
+the same global batch (8 sequences per step), the same steps, fp32. Per row: real (non-padding) tokens/s over the
+steps after the first, peak RSS of each process, the bytes of the step's collectives, and the share of a step
+those collectives take, timed on the run's own process group at the end of the run with buffers of the same sizes
+(DDP: one all-reduce of the trainable fp32 gradients; FSDP2: every weight all-gathered twice, for LoRA the frozen
+base too, and the trainable gradients reduce-scattered once; plus lorakit's two scalar sums). Timed apart from
+the step, the share is an upper bound: DDP overlaps its all-reduce with the backward. A scaling estimate for 8
+GPUs and for 2 nodes follows from the measured volumes at stated bandwidths and compute rates; it is labelled as
+an estimate, not a measurement.
 
-    python bench/bench_distributed.py [--smoke] [--steps N]
+    python bench/bench_distributed.py [--smoke] [--steps N] [--methods lora,full,lora_fsdp]
 """
 
 from __future__ import annotations
@@ -35,13 +37,16 @@ NVLINK_GBS = 150.0  # all-reduce bus bandwidth within one 8-GPU node (A100 NVLin
 NODE_LINK_GBS = 12.5  # between two nodes: 100 Gb/s per node
 GPU_TFLOPS = 125.0  # achieved bf16 matmul rate per GPU (40 % of an A100's 312)
 GPU_TOKENS = 8 * 1024  # tokens per GPU per step in the estimate
+METHODS = {"lora": ("finetuning_type=lora",), "full": ("finetuning_type=full",),
+           "lora_fsdp": ("finetuning_type=lora", "fsdp=full_shard")}  # --methods name -> its train keys
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="tiny model from a config, 2 steps, no download")
     p.add_argument("--steps", type=int, default=5, help="optimizer steps per row (the first is not timed)")
-    p.add_argument("--methods", default="lora,full", help="lora, full or both")
+    p.add_argument("--methods", default="lora,full", help=f"comma-separated, of {', '.join(METHODS)} (lora_fsdp: "
+                   "2 processes only, against lora's one-process row)")
     p.add_argument("--row", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -73,6 +78,7 @@ def collective_seconds(trainer, mode: str) -> tuple[float, int]:
 
     world = trainer.world
     numel = sum(p.numel() for _, p in trainer.trainable.named_trainable())  # whole tensors, also under FSDP2
+    gathered = sum(p.numel() for p in trainer.model.parameters())  # FSDP2 gathers every weight, frozen ones too
     if not world.distributed:
         return 0.0, 0
     flat = torch.ones(numel)
@@ -80,17 +86,18 @@ def collective_seconds(trainer, mode: str) -> tuple[float, int]:
     for _ in range(3):
         start = time.perf_counter()
         if mode == "fsdp":
-            shard = torch.ones(numel // world.size)
+            shard = torch.ones(gathered // world.size)
             whole = torch.empty(shard.numel() * world.size)
             for _ in range(2):  # forward and (resharded) backward
                 dist.all_gather_into_tensor(whole, shard)
-            dist.reduce_scatter_tensor(shard, whole)
+            grads = torch.ones(numel // world.size * world.size)
+            dist.reduce_scatter_tensor(torch.empty(numel // world.size), grads)
         else:
             dist.all_reduce(flat)
         world.sum([1.0])
         world.sum([1.0, 2.0, 3.0])
         times.append(time.perf_counter() - start)
-    volume = (3 if mode == "fsdp" else 1) * numel * 4
+    volume = (2 * gathered + numel if mode == "fsdp" else numel) * 4
     return statistics.median(times), volume
 
 
@@ -115,7 +122,7 @@ def run_rank(spec: dict) -> dict:
     keys = [f"model_name_or_path={spec['model']}", f"dataset={spec['data']}", f"output_dir={spec['out']}",
             "overwrite_output_dir=true", f"max_steps={spec['steps']}", f"per_device_train_batch_size={spec['bs']}",
             f"cutoff_len={spec['cutoff_len']}", "logging_steps=1", "save_strategy=no", "learning_rate=1e-4",
-            f"finetuning_type={spec['method']}", "lora_rank=16", "lora_alpha=32", "lora_target=all"]
+            *METHODS[spec["method"]], "lora_rank=16", "lora_alpha=32", "lora_target=all"]
     keys += ["template=chatml"] if spec["smoke"] else []  # the smoke tokenizer has no chat template
     train(load_config(None, keys)[0], on_step)
     (t0, n0), (t1, n1) = marks[0], marks[-1]
@@ -163,7 +170,9 @@ def specs(args: argparse.Namespace) -> list[dict]:
             "cutoff_len": 64 if args.smoke else 128}
     out, tag = [], "-smoke" if args.smoke else ""
     for method in args.methods.split(","):
-        for procs, threads in ((1, 2), (2, 1), (1, 1)):
+        if method not in METHODS:
+            raise SystemExit(f"--methods: unknown method {method!r} (known: {', '.join(METHODS)})")
+        for procs, threads in ((2, 1),) if method == "lora_fsdp" else ((1, 2), (2, 1), (1, 1)):
             out.append({**base, "method": method, "procs": procs, "threads": threads, "bs": 8 // procs,
                         "out": str(common.cache_dir() / f"distributed-out-{method}-{procs}x{threads}{tag}")})
     return out
@@ -200,7 +209,8 @@ def summarise(results: list[list[dict]]) -> tuple[list[dict], str]:
     for row in rows:
         if "error" in row:
             continue
-        single = next((r for r in rows if r["method"] == row["method"] and (r["procs"], r["threads"]) == (1, 2)
+        base = row["method"].removesuffix("_fsdp")  # one process runs LoRA alike with or without the fsdp key
+        single = next((r for r in rows if r["method"] == base and (r["procs"], r["threads"]) == (1, 2)
                        and "error" not in r), None)
         row["vs_one_process"] = row["tokens_per_s"] / single["tokens_per_s"] if single else None
         row["estimate"] = estimate(row["params"], row["ddp_allreduce_bytes"], row["method"])
