@@ -86,6 +86,9 @@ def test_fsdp_keys_and_refusals(tmp_path):
     for key in ("use_adalora", "pissa_init", "loraga_init"):
         with pytest.raises(ValueError, match=f"^{key} with FSDP2 is refused: .*it runs as DDP"):
             plan_for(_config(tmp_path, f"{key}=true", "fsdp=full_shard"))
+    with pytest.raises(ValueError, match="^replay_kl_weight with FSDP2 is refused: .*same forwards"):
+        plan_for(_config(tmp_path, "fsdp=full_shard", f"replay_dataset={tmp_path / 'd.jsonl'}", "replay_ratio=0.3",
+                         "replay_kl_weight=0.5"))
     with pytest.raises(ValueError, match="deepspeed and fsdp are both set"):
         plan_for(_config(tmp_path, "finetuning_type=full", "fsdp=full_shard", f"deepspeed={_ds(tmp_path, 3)}"))
 

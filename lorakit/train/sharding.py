@@ -110,6 +110,10 @@ def plan_for(cfg: TrainConfig) -> Plan:
             if getattr(cfg, key):
                 raise ValueError(f"{key} with FSDP2 is refused: {why[key]}, which lorakit does only on whole "
                                  "tensors; drop fsdp/deepspeed ZeRO 3 (it runs as DDP)")
+    if plan.mode == "fsdp" and cfg.replay_kl_weight:
+        raise ValueError("replay_kl_weight with FSDP2 is refused: the base's forward runs only on ranks whose "
+                         "micro-batch holds replay rows, and FSDP2 needs the same forwards (all-gathers) on every "
+                         "rank; drop fsdp/deepspeed ZeRO 3 (it runs as DDP)")
     return plan
 
 
