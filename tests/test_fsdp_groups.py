@@ -1,11 +1,13 @@
 """FSDP2 groups of a LoRA model, in 2 gloo processes (torch.multiprocessing): a bf16 frozen base and fp32 LoRA
 weights shard together in one group per decoder layer, the LoRA layers read them unsharded in the forward, and
-the gradients and the gathered adapter equal those of an unsharded copy fed the whole batch."""
+the gradients and the gathered adapter equal those of an unsharded copy fed the whole batch; ranks that start from
+different LoRA weights are stopped before sharding."""
 
 from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -28,7 +30,7 @@ def _check(rank: int) -> None:
     from lorakit.lora import LoraConfig, get_lora_model
     from lorakit.lora.io import adapter_tensors
     from lorakit.train.checkpoint import gathered_weights
-    from lorakit.train.distributed import World
+    from lorakit.train.distributed import DistributedError, World
     from lorakit.train.loss import causal_lm_loss
     from lorakit.train.methods import Trainable
     from lorakit.train.precision import store_frozen_base
@@ -79,6 +81,15 @@ def _check(rank: int) -> None:
     for key, value in whole.items():
         assert not isinstance(value, DTensor) and value.dtype == torch.float32
         torch.testing.assert_close(value, expected_files[key].detach(), rtol=0, atol=0)
+
+    other = make_model("llama")  # FSDP2 keeps each rank's own slice of its copy: the copies must agree
+    other_lora = get_lora_model(other, LoraConfig(r=4, target_modules=["q_proj"]))
+    if rank == 1:
+        with torch.no_grad():
+            next(p for n, p in other.named_parameters() if "lora_A" in n).add_(1.0)
+    with pytest.raises(DistributedError, match="the ranks start from different trainable weights"):
+        shard(Trainable(other, other_lora, "lora"), Plan("fsdp"), World(rank, WORLD, rank, WORLD, "gloo"),
+              torch.device("cpu"), False)
 
 
 def _rank(rank: int, init_file: str) -> None:
