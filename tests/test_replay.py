@@ -92,6 +92,26 @@ def test_self_replay_is_deterministic(stopping_base, tmp_path):
     assert "kept (whole sentences within 12 tokens)" in first.source and len(template.prompt_ids(prompt)) > 0
 
 
+def test_self_replay_answers_only_the_prompts_the_run_draws(stopping_base, tmp_path, monkeypatch):
+    model, tokenizer, path = stopping_base
+    source = sr.ReplaySource(prompts=[[{"role": "user", "content": q}] for q in QUESTIONS], name="test prompts")
+    asked = []
+    answer = sr.answer_prompts
+
+    def counting(model, tokenizer, template, prompts, *args):
+        asked.append([p[0]["content"] for p in prompts])
+        return answer(model, tokenizer, template, prompts, *args)
+
+    monkeypatch.setattr(sr, "answer_prompts", counting)
+    made = sr.build_replay(self_replay_config(tmp_path / "a"), source, model, tokenizer, path, None, rows=3)
+    again = sr.build_replay(self_replay_config(tmp_path / "b"), source, model, tokenizer, path, None, rows=3)
+    assert len(asked) == 2 and asked[0] == asked[1] and len(asked[0]) == 3  # seeded: the same 3 prompts
+    assert asked[0] == [q for q in QUESTIONS if q in asked[0]]  # in the pool's order
+    assert made.records == again.records and "a seeded draw of the 3 this run replays, of 8" in made.source
+    sr.build_replay(self_replay_config(tmp_path / "c"), source, model, tokenizer, path, None, rows=20)
+    assert asked[2] == QUESTIONS  # more rows than prompts: every prompt
+
+
 def test_an_unfinished_answer_keeps_its_whole_sentences():
     assert sr.whole_sentences("To add 10 and 15, we count on. It is 25. Then we check that") == \
         "To add 10 and 15, we count on. It is 25."
@@ -135,7 +155,8 @@ def test_self_replay_trains_end_to_end(stopping_base, tmp_path, capsys):
     assert train(cfg)["status"] == "completed"
     printed = capsys.readouterr().err
     assert "replay: 2 rows, 40% of each epoch's 5 examples" in printed
-    assert f"self-replay: the base model's greedy answers to {len(QUESTIONS)} prompts of replay_dataset" in printed
+    assert "self-replay: the base model's greedy answers to 2 prompts of replay_dataset" in printed
+    assert f"(a seeded draw of the 2 this run replays, of {len(QUESTIONS)})" in printed  # only those are answered
 
 
 def test_shipped_self_replay_prompts_are_not_retention_probes():

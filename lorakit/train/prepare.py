@@ -146,14 +146,32 @@ class Data:
         return line
 
 
-def prepare_data(cfg: TrainConfig, records: list[dict], tokenizer, replay: Replay | None = None) -> Data:
-    """Template, tokenise, truncate, split off validation, mix in replay rows, pack (all may raise DataError;
-    nothing is written)."""
+@dataclass
+class TaskData:
+    """The task's examples after tokenising and the validation split, before any replay rows join them."""
+
+    train: list[dict]
+    val: list[dict]
+    stats: dict
+
+
+def task_data(cfg: TrainConfig, records: list[dict], tokenizer) -> TaskData:
+    """Template, tokenise, truncate, split off validation (may raise DataError)."""
     template = get_template(cfg.template, tokenizer) if cfg.stage == "sft" else None
     examples, stats = encode_records(records, tokenizer, template, cutoff_len=cfg.cutoff_len,
                                      train_on_prompt=cfg.train_on_prompt, stage=cfg.stage)
     val_size = int(cfg.val_size) if cfg.val_size >= 1 else cfg.val_size
     train, val = split_validation(examples, val_size, cfg.seed)
+    return TaskData(train, val, stats)
+
+
+def prepare_data(cfg: TrainConfig, records: list[dict], tokenizer, replay: Replay | None = None,
+                 task: TaskData | None = None) -> Data:
+    """Template, tokenise, truncate, split off validation (or take `task`, made by `task_data`), mix in replay
+    rows, pack (all may raise DataError; nothing is written)."""
+    task = task or task_data(cfg, records, tokenizer)
+    train, val, stats = task.train, task.val, task.stats
+    template = get_template(cfg.template, tokenizer) if cfg.stage == "sft" else None
     if replay is not None:  # replay rows join the training examples only, never the validation split
         def encode(record: dict) -> dict | None:
             rows, _ = encode_records([record], tokenizer, template, cutoff_len=cfg.cutoff_len)

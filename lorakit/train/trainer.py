@@ -38,6 +38,7 @@ from tqdm import tqdm
 from ..adapters import TRAINING_ARGS
 from ..data import batch_order, collate_packed, pad_collate
 from ..data.batching import rank_share
+from ..data.replay import replay_count
 from ..device import autocast_dtype, pick_device
 from ..files import write_file
 from ..models import load_model
@@ -48,7 +49,7 @@ from .distributed import World, joined
 from .loraga_init import estimate_lora_ga
 from .loss import IGNORE_INDEX, Distill, causal_lm_loss, check_chunked_route, distill_problem, shifted_targets
 from .methods import Trainable, lora_config_for, make_optimizer, make_trainable, quantization_of
-from .prepare import Data, clear_previous_run, preflight, prepare_data, steps_per_epoch
+from .prepare import Data, clear_previous_run, preflight, prepare_data, steps_per_epoch, task_data
 from .rank_allocation import RankAllocation
 from .report import MetricsLog, plot_loss
 from .schedule import get_lr, warmup_steps_for
@@ -432,8 +433,10 @@ def train_ranks(cfg: TrainConfig, world: World, device: torch.device | None, on_
     # a QLoRA base is quantized layer by layer while it loads: its 16/32-bit weights never all exist at once
     model, tokenizer, _ = load_model(cfg.model_name_or_path, dtype="float32", device=device,
                                      quantization=quantization_of(cfg))
-    replay = build_replay(cfg, plan.replay, model, tokenizer, plan.model_path, amp_dtype)  # before any LoRA
-    data = prepare_data(cfg, plan.records, tokenizer, replay)
+    task = task_data(cfg, plan.records, tokenizer)
+    rows = replay_count(len(task.train), cfg.replay_ratio) if plan.replay else None  # self-replay answers no more
+    replay = build_replay(cfg, plan.replay, model, tokenizer, plan.model_path, amp_dtype, rows)  # before any LoRA
+    data = prepare_data(cfg, plan.records, tokenizer, replay, task)
     seed_everything(cfg.seed)
     factors = None
     if cfg.loraga_init:  # LoRA-GA starts from the gradient of the plain model
