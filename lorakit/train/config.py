@@ -171,8 +171,8 @@ class TrainConfig:
     sentence (left out when it has none)."""
     replay_kl_weight: float = 0.0
     """Distil the base model on replay rows: their label tokens learn (1 - w) the label and w the base's whole
-    next-token distribution (w KL(P_base || P), the base from a no-grad forward with the adapter off; about a
-    third more compute on replay rows). In [0, 1]; lora/qlora only. 0 is off."""
+    next-token distribution (w KL(P_base || P), the base from one extra forward of each replay row, without
+    gradients and with the adapter off). In [0, 1]; lora/qlora only (not under FSDP2). 0 is off."""
 
     # --- output
     output_dir: str = "saves/lorakit"
