@@ -127,7 +127,7 @@ def stop(proc: subprocess.Popen) -> None:
 
 async def one_request(client, model: str, question: str, new_tokens: int, extra: dict) -> dict:
     sent = time.perf_counter()
-    times, tokens = [], None
+    times, tokens, prompt = [], None, None
     stream = await client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": question}], max_tokens=new_tokens, temperature=0,
         stream=True, **extra)
@@ -135,9 +135,13 @@ async def one_request(client, model: str, question: str, new_tokens: int, extra:
         if chunk.choices and chunk.choices[0].delta.content:
             times.append(time.perf_counter())
         if getattr(chunk, "usage", None):
-            tokens = chunk.usage.completion_tokens
+            tokens, prompt = chunk.usage.completion_tokens, chunk.usage.prompt_tokens
+    tokens = tokens if tokens is not None else len(times)
+    # TPOT: (last chunk - first chunk) / (tokens - 1), per token whatever the server's chunking (the by-hand
+    # server's streamer sends words, not tokens)
+    tpot = (times[-1] - times[0]) / (tokens - 1) if len(times) > 1 and tokens > 1 else None
     return {"ttft": times[0] - sent if times else None, "gaps": [b - a for a, b in zip(times, times[1:])],
-            "tokens": tokens if tokens is not None else len(times)}
+            "tokens": tokens, "tpot": tpot, "prompt_tokens": prompt}
 
 
 async def load(url: str, kind: str, models: list[str], questions: list[str], clients: int, new_tokens: int) -> dict:
@@ -145,9 +149,11 @@ async def load(url: str, kind: str, models: list[str], questions: list[str], cli
 
     client = openai.AsyncOpenAI(base_url=url, api_key="bench", max_retries=0, timeout=1800)
     per_client = max(1, 8 // clients)
-    extra = {} if kind == "transformers-serve-cb" else {"extra_body": {"ignore_eos": True}}
-    if kind.startswith("lorakit"):
-        extra["stream_options"] = {"include_usage": True}
+    if kind == "transformers-serve-cb":  # no ignore_eos there: a request's eos_token_id -1 disables EOS (and it
+        # sends usage unasked); every server then writes exactly new_tokens per answer
+        extra = {"extra_body": {"generation_config": json.dumps({"eos_token_id": -1})}}
+    else:
+        extra = {"extra_body": {"ignore_eos": True}, "stream_options": {"include_usage": True}}
 
     async def worker(c: int) -> list[dict]:
         out = []
@@ -164,10 +170,15 @@ async def load(url: str, kind: str, models: list[str], questions: list[str], cli
     ttfts = sorted(r["ttft"] for r in results if r["ttft"] is not None)
     gaps = [g for r in results for g in r["gaps"]]
     tokens = sum(r["tokens"] for r in results)
+    tpots = [r["tpot"] for r in results if r["tpot"] is not None]
+    prompts = [r["prompt_tokens"] for r in results if r["prompt_tokens"] is not None]
     return {"clients": clients, "requests": len(results), "tokens": tokens, "wall_s": wall,
-            "tokens_per_s": tokens / wall, "ttft_p50_s": statistics.median(ttfts) if ttfts else None,
+            "tokens_per_s": tokens / wall, "tokens_per_request": tokens / len(results),
+            "ttft_p50_s": statistics.median(ttfts) if ttfts else None,
             "ttft_p99_s": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))] if ttfts else None,
-            "itl_p50_s": statistics.median(gaps) if gaps else None}
+            "itl_p50_s": statistics.median(gaps) if gaps else None,
+            "tpot_p50_s": statistics.median(tpots) if tpots else None,
+            "prompt_tokens_mean": statistics.mean(prompts) if prompts else None}
 
 
 def questions(smoke: bool) -> list[str]:
@@ -225,6 +236,83 @@ def run_server(kind: str, model_dir: Path, adapters: list[Path], merged: Path | 
     return rows
 
 
+# ---------------------------------------------------------------- how far a decode step is from the machine
+
+
+def machine_peaks(smoke: bool) -> dict:
+    """This process's memory and matmul peaks (its own thread count): read GB/s = bytes / s of `x.sum()` over a
+    large fp32 tensor, copy GB/s = 2 x bytes / s of `y.copy_(x)` (read + write), best of 5 each; GFLOP/s of a
+    square matmul (2048^3) in fp32 and bf16 and of the decode step's skinny shape (16 x 576 x 1536) in fp32."""
+    import torch
+
+    n = (1 << 18) if smoke else (512 << 20) // 4  # 512 MiB of fp32: far past every cache
+    x, y = torch.ones(n), torch.empty(n)
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    size = 64 if smoke else 2048
+    return {"read_gb_s": 4 * n / best(x.sum) / 1e9, "copy_gb_s": 2 * 4 * n / best(lambda: y.copy_(x)) / 1e9,
+            "gemm_fp32_gflops": common.gemm_peak([(size, size, size)], torch.float32),
+            "gemm_bf16_gflops": common.gemm_peak([(size, size, size)], torch.bfloat16),
+            "gemm_decode_fp32_gflops": common.gemm_peak([(16, 576, 1536)], torch.float32)}
+
+
+def decode_step(kind: str, row: dict, model_dir: Path, adapters: list[Path], new_tokens: int) -> dict:
+    """Bytes read and flops of one decoding step (an estimate from the files and the config, fp32):
+
+    bytes = W (every weight file, the tied head read once) + n_a * A (adapter files the step multiplies: lorakit's
+            decode multiplies every loaded adapter's A and B, masked per row; PEFT the active one; merged none)
+            + rows * ctx * L * 2 * kv_heads * head_dim * 4          (the KV cache, ctx = prompt + new / 2)
+    flops = 2 * rows * (P + n_a * P_a) + rows * L * 4 * heads * head_dim * ctx      (P: weights, P_a: one adapter)
+    """
+    cfg = json.loads((model_dir / "config.json").read_text())
+    weights = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+    one_adapter = (adapters[0] / "adapter_model.safetensors").stat().st_size
+    n_a = {"peft-by-hand": 1, "transformers-serve-cb": 0}.get(kind, len(adapters))
+    rows = 1 if kind == "peft-by-hand" else row["clients"]
+    layers, heads, kv, hd = (cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"],
+                             cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
+    ctx = (row.get("prompt_tokens_mean") or 0) + new_tokens / 2
+    kv_bytes = rows * ctx * layers * 2 * kv * hd * 4
+    read = weights + n_a * one_adapter + kv_bytes
+    flops = 2 * rows * (weights + n_a * one_adapter) / 4 + rows * layers * 4 * heads * hd * ctx
+    return {"rows": rows, "adapters_read": n_a, "mb_read": read / 1e6, "kv_mb": kv_bytes / 1e6,
+            "gflop": flops / 1e9}
+
+
+def analyse(rows: list[dict], peaks: dict, model_dir: Path, adapters: list[Path], new_tokens: int) -> str:
+    """Per measured row: the step's bytes and flops against its measured time (TPOT p50), the floor that the read
+    bandwidth sets, and the share of the decode-shape GEMM peak reached."""
+    lines = []
+    for r in rows:
+        if "error" in r or not r.get("tpot_p50_s"):
+            continue
+        est = decode_step(r["server"], r, model_dir, adapters, new_tokens)
+        step = r["tpot_p50_s"]
+        r["decode_step"] = {**est, "step_ms": step * 1000, "achieved_gb_s": est["mb_read"] / 1e3 / step,
+                            "floor_ms": est["mb_read"] / 1e3 / peaks["read_gb_s"] * 1000,
+                            "achieved_gflops": est["gflop"] / step}
+        d = r["decode_step"]
+        lines.append([LABELS[r["server"]], r["clients"], d["rows"], d["mb_read"], d["kv_mb"], d["step_ms"],
+                      d["floor_ms"], d["achieved_gb_s"], d["gflop"], d["achieved_gflops"],
+                      f"{100 * d['achieved_gflops'] / peaks['gemm_decode_fp32_gflops']:.0f}%"])
+    head = (f"Peaks measured in this run ({common.torch_threads()} thread): read {peaks['read_gb_s']:.1f} GB/s, "
+            f"copy {peaks['copy_gb_s']:.1f} GB/s; GEMM fp32 {peaks['gemm_fp32_gflops']:.0f} GFLOP/s "
+            f"(2048^3), bf16 {peaks['gemm_bf16_gflops']:.0f}, fp32 at the decode shape 16x576x1536 "
+            f"{peaks['gemm_decode_fp32_gflops']:.0f}.\n\nEstimate per decode step (bytes and flops from the files "
+            f"and the config; step time = TPOT p50):\n\n")
+    return head + common.table(["server", "clients", "rows/step", "MB read/step", "of which KV MB", "step ms",
+                                "floor ms at read GB/s", "GB/s reached", "GFLOP/step", "GFLOP/s",
+                                "of decode-shape peak"], lines)
+
+
 def summarise(rows: list[dict], counts: list[int], new_tokens: int) -> tuple[str, dict]:
     got = {(r["server"], r["clients"]): r for r in rows}
     lines = []
@@ -234,12 +322,13 @@ def summarise(rows: list[dict], counts: list[int], new_tokens: int) -> tuple[str
             if r is None:
                 continue
             if "error" in r:
-                lines.append([LABELS[kind], c, r["error"][:80], None, None, None, None])
+                lines.append([LABELS[kind], c, r["error"][:80], None, None, None, None, None, None])
                 continue
-            lines.append([LABELS[kind], c, r["tokens_per_s"], r["ttft_p50_s"], r["ttft_p99_s"],
-                          r["itl_p50_s"] * 1000 if r["itl_p50_s"] else None, r.get("peak_rss_mb")])
-    table = common.table(["server", "clients", "tokens/s", "TTFT p50 s", "TTFT p99 s", "ITL p50 ms",
-                          "peak RSS MB"], lines)
+            ms = [r[k] * 1000 if r.get(k) else None for k in ("itl_p50_s", "tpot_p50_s")]
+            lines.append([LABELS[kind], c, r["tokens_per_s"], r["tokens_per_request"], r["ttft_p50_s"],
+                          r["ttft_p99_s"], *ms, r.get("peak_rss_mb")])
+    table = common.table(["server", "clients", "tokens/s", "tokens/request", "TTFT p50 s", "TTFT p99 s",
+                          "ITL p50 ms", "TPOT p50 ms", "peak RSS MB"], lines)
 
     def tps(kind: str, c: int):
         return got.get((kind, c), {}).get("tokens_per_s")
@@ -264,14 +353,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:  # seconds: one lorakit server and the by-hand one
         kinds = [k for k in kinds if k in ("lorakit-mixed", "peft-by-hand")]
     merged = merged_model(model_dir, adapters[0]) if "transformers-serve-cb" in kinds else None
+    peaks = machine_peaks(args.smoke)  # before any server starts, in this process (its thread count)
     rows = []
     for kind in kinds:
         rows += run_server(kind, model_dir, adapters, merged, counts, new_tokens, args.smoke)
     table, ratios = summarise(rows, counts, new_tokens)
+    steps = analyse(rows, peaks, model_dir, adapters, new_tokens)
     md = (f"### Serving: {len(adapters)} adapters r=16, C concurrent streaming clients, {new_tokens} new tokens, "
-          f"greedy, fp32\n\n{table}\n\nMachine: {common.describe_machine(machine)}.")
+          f"greedy, fp32, {common.torch_threads()} torch thread(s) per process\n\n{table}\n\n"
+          f"ITL: between content chunks; TPOT: per request, (last chunk - first) / (tokens - 1). "
+          f"Machine: {common.describe_machine(machine)}.\n\n{steps}")
     print(md)
-    common.write_results(NAME, {"machine": machine, "ratios": ratios, "rows": rows}, md, args.smoke)
+    common.write_results(NAME, {"machine": machine, "peaks": peaks, "ratios": ratios, "rows": rows}, md,
+                         args.smoke)
     return 0 if all("error" not in r for r in rows) else 1
 
 

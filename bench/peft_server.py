@@ -1,6 +1,8 @@
 """The by-hand baseline of bench_serve.py: what a user writes today to serve several adapters over HTTP with
 transformers + PEFT: FastAPI, a PeftModel with every adapter loaded, a lock so that one request runs at a time,
-`set_adapter` per request, `generate` with a TextIteratorStreamer, server-sent events in OpenAI's chunk shape.
+`set_adapter` per request, `generate` with a TextIteratorStreamer, server-sent events in OpenAI's chunk shape
+(the last chunk carries `finish_reason`, and `usage` when `stream_options.include_usage` asks for it: the
+streamer's text chunks are words, not tokens, so the benchmark counts tokens from the usage).
 
     python bench/peft_server.py --model DIR --adapter a0=DIR [--adapter a1=DIR ...] [--port 0]
 """
@@ -48,8 +50,9 @@ def peft_server(model_dir: str, adapters: list[str], port: int, chatml: bool = F
                 streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
                 n = body.get("max_tokens", 64)
                 extra = {"min_new_tokens": n} if body.get("ignore_eos") else {}
-                worker = threading.Thread(target=model.generate, kwargs=dict(
-                    **ids, max_new_tokens=n, do_sample=False, streamer=streamer, **extra))
+                out = []  # the generated ids, for the usage chunk
+                worker = threading.Thread(target=lambda: out.append(model.generate(
+                    **ids, max_new_tokens=n, do_sample=False, streamer=streamer, **extra)))
                 worker.start()
                 for text in streamer:
                     if text:
@@ -57,6 +60,14 @@ def peft_server(model_dir: str, adapters: list[str], port: int, chatml: bool = F
                                  "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}
                         yield f"data: {json.dumps(chunk)}\n\n"
                 worker.join()
+            prompt = ids["input_ids"].shape[1]
+            completion = out[0].shape[1] - prompt if out else 0  # (1, prompt + new) -> new tokens
+            last = {"id": "x", "object": "chat.completion.chunk", "model": body["model"],
+                    "choices": [{"index": 0, "delta": {}, "finish_reason": "length" if completion >= n else "stop"}]}
+            if (body.get("stream_options") or {}).get("include_usage"):
+                last["usage"] = {"prompt_tokens": prompt, "completion_tokens": completion,
+                                 "total_tokens": prompt + completion}
+            yield f"data: {json.dumps(last)}\n\n"
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
