@@ -15,7 +15,8 @@ the step, the share is an upper bound: DDP overlaps its all-reduce with the back
 GPUs and for 2 nodes follows from the measured volumes at stated bandwidths and compute rates; it is labelled as
 an estimate, not a measurement.
 
-    python bench/bench_distributed.py [--smoke] [--steps N] [--methods lora,full,lora_fsdp]
+    python bench/bench_distributed.py [--smoke] [--steps N] [--methods lora,full,lora_fsdp] [--configs 2x1,1x1]
+        [--results NAME]
 """
 
 from __future__ import annotations
@@ -47,8 +48,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5, help="optimizer steps per row (the first is not timed)")
     p.add_argument("--methods", default="lora,full", help=f"comma-separated, of {', '.join(METHODS)} (lora_fsdp: "
                    "2 processes only, against lora's one-process row)")
+    p.add_argument("--configs", default="1x2,2x1,1x1", help="processes x threads per method (lora_fsdp: 2x1 "
+                   "only); 'vs 1 process' compares with the method's 1x2 row, else its 1x1 row")
+    p.add_argument("--results", default=NAME, help="bench/results/<name>.json to write (another name keeps the "
+                   "full run's file)")
     p.add_argument("--row", help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+def configs(text: str) -> list[tuple[int, int]]:
+    try:
+        out = [tuple(int(x) for x in c.split("x")) for c in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"--configs: {text!r} is not a comma list of PROCSxTHREADS (e.g. 2x1,1x1)") from None
+    if any(len(c) != 2 or min(c) < 1 for c in out):
+        raise SystemExit(f"--configs: {text!r} is not a comma list of PROCSxTHREADS (e.g. 2x1,1x1)")
+    return out
 
 
 def data_file(smoke: bool):
@@ -172,7 +187,7 @@ def specs(args: argparse.Namespace) -> list[dict]:
     for method in args.methods.split(","):
         if method not in METHODS:
             raise SystemExit(f"--methods: unknown method {method!r} (known: {', '.join(METHODS)})")
-        for procs, threads in ((2, 1),) if method == "lora_fsdp" else ((1, 2), (2, 1), (1, 1)):
+        for procs, threads in ((2, 1),) if method == "lora_fsdp" else configs(args.configs):
             out.append({**base, "method": method, "procs": procs, "threads": threads, "bs": 8 // procs,
                         "out": str(common.cache_dir() / f"distributed-out-{method}-{procs}x{threads}{tag}")})
     return out
@@ -210,8 +225,8 @@ def summarise(results: list[list[dict]]) -> tuple[list[dict], str]:
         if "error" in row:
             continue
         base = row["method"].removesuffix("_fsdp")  # one process runs LoRA alike with or without the fsdp key
-        single = next((r for r in rows if r["method"] == base and (r["procs"], r["threads"]) == (1, 2)
-                       and "error" not in r), None)
+        singles = [r for r in rows if r["method"] == base and r["procs"] == 1 and "error" not in r]
+        single = max(singles, key=lambda r: r["threads"], default=None)  # the 1x2 row, else 1x1
         row["vs_one_process"] = row["tokens_per_s"] / single["tokens_per_s"] if single else None
         row["estimate"] = estimate(row["params"], row["ddp_allreduce_bytes"], row["method"])
         how = {"none": "one process", "ddp": "DDP", "fsdp": "FSDP2"}[row["sharding"]]
@@ -223,7 +238,8 @@ def summarise(results: list[list[dict]]) -> tuple[list[dict], str]:
     headers = ["method", "processes x threads", "real tokens/s", "vs 1 process", "peak RSS per process (MB)",
                "collectives / step", "MB in collectives / step"]
     md = common.table(headers, lines)
-    est = [r for r in rows if "error" not in r and (r["procs"], r["threads"]) == (1, 2)]
+    est = [r for r in rows if "error" not in r and r["procs"] == 1]
+    est = [r for r in est if r["threads"] == max(x["threads"] for x in est if x["method"] == r["method"])]
     if est:
         md += ("\n\nEstimate, not measured (from the measured gradient volume; ring all-reduce 2(W-1)/W x bytes; "
                f"{NVLINK_GBS:g} GB/s within a node, {NODE_LINK_GBS:g} GB/s between nodes, {GPU_TFLOPS:g} TFLOP/s "
@@ -257,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     md = (f"### Several processes: {what}, 8 sequences per step (cutoff {results[0][0].get('cutoff_len')}), "
           f"{results[0][0].get('steps')} steps, fp32, gloo\n\n{md}\n\nMachine: {common.describe_machine(machine)}.")
     print(md)
-    common.write_results(NAME, {"machine": machine, "rows": rows, "runs": results}, md, args.smoke)
+    common.write_results(args.results, {"machine": machine, "rows": rows, "runs": results}, md, args.smoke)
     return 0 if all("error" not in r for procs in results for r in procs) else 1
 
 
