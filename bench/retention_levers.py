@@ -1,13 +1,14 @@
 """What each lever does to the demo's trade-off: held-out KB score against retention of general ability.
 
-Every lever is `demo/train.yaml` plus a few overrides, trained on the demo data with `lorakit train` and scored like
-`make demo` scores (bf16 autocast where the CPU has it): the share of the 120 held-out KB paraphrases whose greedy
-answer contains the fact, and retention and KL on lorakit's general probe set (`lorakit.retention`). The base
-model's answers are computed once. Results go to bench/results/retention.json after every lever (a rerun with
---only replaces those levers and keeps the others). Not part of `make bench`: each lever trains for minutes.
+Every lever is `demo/train.yaml` plus overrides that set the replay keys themselves, trained on the demo data with
+`lorakit train` and scored like `make demo` scores (bf16 autocast where the CPU has it): the share of the 120
+held-out KB paraphrases whose greedy answer contains the fact, and retention and KL on lorakit's general probe set
+(`lorakit.retention`). The base model's answers are computed once. Results go to bench/results/retention.json after
+every lever (a rerun with --only replaces those levers and keeps the others). Not part of `make bench`: each lever
+trains for minutes.
 
-    python bench/retention_levers.py                       # every lever (8-20 min each on 2 shared cores)
-    python bench/retention_levers.py --only demo,self_0.3  # some of them
+    python bench/retention_levers.py                       # every lever (5-15 min each on this machine)
+    python bench/retention_levers.py --only kl1-lr2e-3,self-0.5-kl1  # some of them
 """
 
 from __future__ import annotations
@@ -23,10 +24,13 @@ import common
 NAME = "retention"
 
 # (name, the lever it moves, overrides of demo/train.yaml)
-BASE = ["learning_rate=3e-3", "num_train_epochs=5"]  # the first demo recipe; rank 16, all linear layers
-SELF = ["self_replay=true"]
+# every lever sets the replay keys itself, so it means the same whatever demo/train.yaml holds today
+OFF = ["self_replay=false", "replay_ratio=0", "replay_kl_weight=0"]  # no replay
+BASE = ["learning_rate=3e-3", "num_train_epochs=5", *OFF]  # the first demo recipe; rank 16, all linear layers
+SELF = ["self_replay=true", "replay_kl_weight=0"]  # self-replay rows learn their labels only (KL levers override)
 FAST = ["num_train_epochs=3", "per_device_train_batch_size=4"]  # as many updates as 6 epochs of 8, half the tokens
 SHORT = ["self_replay_max_new_tokens=32"]
+CUT48 = ["self_replay_max_new_tokens=48"]
 LEVERS = [  # in the order they run
     ("recipe-0", "the first demo recipe: lr 3e-3, 5 epochs, rank 16, all linear layers", BASE),
     ("self-0.3-fast", "self-replay 30 % (answers <= 32 tokens), 3 epochs of batch 4",
@@ -37,9 +41,9 @@ LEVERS = [  # in the order they run
      "batch 4", ["learning_rate=3e-3", *FAST, *SELF, "self_replay_max_new_tokens=48", "replay_ratio=0.5"]),
     ("self-0.7-fast-cut48", "self-replay 70 % (answers <= 48 tokens, cut after the last whole sentence), 3 epochs of "
      "batch 4", ["learning_rate=3e-3", *FAST, *SELF, "self_replay_max_new_tokens=48", "replay_ratio=0.7"]),
-    ("fast", "3 epochs of batch 4, no replay", ["learning_rate=3e-3", *FAST]),
-    ("epochs-3", "3 epochs", ["learning_rate=3e-3", "num_train_epochs=3"]),
-    ("lr-1e-3", "learning rate 1e-3", ["learning_rate=1e-3", "num_train_epochs=5"]),
+    ("fast", "3 epochs of batch 4, no replay", ["learning_rate=3e-3", *FAST, *OFF]),
+    ("epochs-3", "3 epochs", ["learning_rate=3e-3", "num_train_epochs=3", *OFF]),
+    ("lr-1e-3", "learning rate 1e-3", ["learning_rate=1e-3", "num_train_epochs=5", *OFF]),
     ("self-0.3-3ep", "self-replay 30 %, 3 epochs", ["learning_rate=3e-3", "num_train_epochs=3", *SELF,
                                                    "replay_ratio=0.3"]),
     ("self-0.5-3ep", "self-replay 50 %, 3 epochs", ["learning_rate=3e-3", "num_train_epochs=3", *SELF,
@@ -47,8 +51,42 @@ LEVERS = [  # in the order they run
     ("rank-4", "rank 4 (alpha 8)", BASE + ["lora_rank=4", "lora_alpha=8"]),
     ("attn-only", "LoRA on q, k, v, o only", BASE + ["lora_target=q_proj,k_proj,v_proj,o_proj"]),
     ("self-0.5", "self-replay 50 %, 5 epochs", BASE + SELF + ["replay_ratio=0.5"]),
+    ("self-0.5-lr1e-3", "self-replay 50 % (cut48), 3 epochs of batch 4, learning rate 1e-3",
+     ["learning_rate=1e-3", *FAST, *SELF, *CUT48, "replay_ratio=0.5"]),
+    ("self-0.5-pool704", "self-replay 50 % (cut48) from the 704-prompt pool, 3 epochs of batch 4",
+     ["learning_rate=3e-3", *FAST, *SELF, *CUT48, "replay_ratio=0.5"]),
+    ("self-0.5-kl0.5", "self-replay 50 % (cut48), 3 epochs of batch 4, KL to the base on replay rows, weight 0.5",
+     ["learning_rate=3e-3", *FAST, *SELF, *CUT48, "replay_ratio=0.5", "replay_kl_weight=0.5"]),
+    ("self-0.5-kl1", "self-replay 50 % (cut48), 3 epochs of batch 4, KL to the base on replay rows, weight 1",
+     ["learning_rate=3e-3", *FAST, *SELF, *CUT48, "replay_ratio=0.5", "replay_kl_weight=1.0"]),
+    ("self-0.5-lr1e-3-kl1", "self-replay 50 % (cut48), 3 epochs of batch 4, learning rate 1e-3, KL weight 1",
+     ["learning_rate=1e-3", *FAST, *SELF, *CUT48, "replay_ratio=0.5", "replay_kl_weight=1.0"]),
+    ("kl1-lr2e-3", "self-replay 50 % (cut48), 3 epochs of batch 4, learning rate 2e-3, KL weight 1",
+     ["learning_rate=2e-3", *FAST, *SELF, *CUT48, "replay_ratio=0.5", "replay_kl_weight=1.0"]),
+    ("kl1-lr1e-3-5ep-0.3", "self-replay 30 % (cut48), 5 epochs of batch 4, learning rate 1e-3, KL weight 1",
+     ["learning_rate=1e-3", "num_train_epochs=5", "per_device_train_batch_size=4", *SELF, *CUT48,
+      "replay_ratio=0.3", "replay_kl_weight=1.0"]),
+    ("kl1-lr1e-3-mlp", "self-replay 50 % (cut48), 3 epochs of batch 4, learning rate 1e-3, KL weight 1, LoRA on "
+     "gate, up, down only", ["learning_rate=1e-3", *FAST, *SELF, *CUT48, "replay_ratio=0.5", "replay_kl_weight=1.0",
+                             "lora_target=gate_proj,up_proj,down_proj"]),
+    ("kl1-b8-lr2e-3", "self-replay 50 % (cut48), 3 epochs of batch 8, learning rate 2e-3, KL weight 1",
+     ["learning_rate=2e-3", "num_train_epochs=3", "per_device_train_batch_size=8", *SELF, *CUT48,
+      "replay_ratio=0.5", "replay_kl_weight=1.0"]),
+    ("kl1-lr1.5e-3", "self-replay 50 % (cut48), 3 epochs of batch 4, learning rate 1.5e-3, KL weight 1",
+     ["learning_rate=1.5e-3", *FAST, *SELF, *CUT48, "replay_ratio=0.5", "replay_kl_weight=1.0"]),
+    ("kl1-lr2e-3-0.3", "self-replay 30 % (cut48), 3 epochs of batch 4, learning rate 2e-3, KL weight 1",
+     ["learning_rate=2e-3", *FAST, *SELF, *CUT48, "replay_ratio=0.3", "replay_kl_weight=1.0"]),
+    ("kl1-attn", "self-replay 50 % (cut48), 3 epochs of batch 4, KL weight 1, LoRA on q, k, v, o only",
+     ["learning_rate=3e-3", *FAST, *SELF, *CUT48, "replay_ratio=0.5", "replay_kl_weight=1.0",
+      "lora_target=q_proj,k_proj,v_proj,o_proj"]),
+    ("kl1-mlp", "self-replay 50 % (cut48), 3 epochs of batch 4, KL weight 1, LoRA on gate, up, down only",
+     ["learning_rate=3e-3", *FAST, *SELF, *CUT48, "replay_ratio=0.5", "replay_kl_weight=1.0",
+      "lora_target=gate_proj,up_proj,down_proj"]),
+    ("self-0.5-r4", "self-replay 50 % (cut48), 3 epochs of batch 4, rank 4 (alpha 8)",
+     ["learning_rate=3e-3", *FAST, *SELF, *CUT48, "replay_ratio=0.5", "lora_rank=4", "lora_alpha=8"]),
     ("alpaca-0.3-3ep", "replay_dataset alpaca_en_demo 30 %, 3 epochs",
-     ["learning_rate=3e-3", "num_train_epochs=3", "replay_dataset={alpaca}", "replay_ratio=0.3"]),
+     ["learning_rate=3e-3", "num_train_epochs=3", "self_replay=false", "replay_kl_weight=0",
+      "replay_dataset={alpaca}", "replay_ratio=0.3"]),
 ]
 EVAL_BATCH = 192  # every prompt of a set in one batch: fewer sequential decoding steps
 

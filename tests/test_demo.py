@@ -16,7 +16,8 @@ def test_demo_runs_and_reports_before_and_after(tmp_path, capsys, monkeypatch):
     out = tmp_path / "adapter"
     # self-replay is tested in test_replay.py: a random tiny base rarely ends a sentence
     status = demo.main([f"model_name_or_path={model_dir}", f"output_dir={out}", "max_steps=2",
-                        "per_device_train_batch_size=4", "plot_loss=false", "self_replay=false", "replay_ratio=0"])
+                        "per_device_train_batch_size=4", "plot_loss=false", "self_replay=false", "replay_ratio=0",
+                        "replay_kl_weight=0"])
     assert status == 0
     printed = capsys.readouterr().out
     assert "held-out score (answer contains the fact)" in printed
