@@ -156,6 +156,7 @@ def joined(device_name: str | None, backend: str | None, timeout_s: float):
     world, device = join(device_name, backend, timeout_s)
     try:
         yield world, device
+        world.barrier()  # every rank's collectives are done before any rank tears the group down
     except Exception as exc:
         if world.distributed and lost_contact(exc):
             raise DistributedError(f"rank {world.rank} lost the other ranks ({reason(exc)}); stopping, nothing more "
