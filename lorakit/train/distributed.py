@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 import re
 import signal
@@ -145,8 +146,12 @@ def join(device_name: str | None, backend: str | None, timeout_s: float) -> tupl
 
 
 def leave(world: World) -> None:
+    """Destroy the process group while the interpreter is fully alive: the run's FSDP2 / DDP objects (which hold
+    gloo's async work) are collected first; left to interpreter shutdown, gloo can abort the process (SIGABRT)."""
     if world.distributed and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
+        gc.collect()
 
 
 @contextlib.contextmanager
