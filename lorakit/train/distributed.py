@@ -151,7 +151,6 @@ def leave(world: World) -> None:
     if world.distributed and dist.is_initialized():
         gc.collect()
         dist.destroy_process_group()
-        gc.collect()
 
 
 @contextlib.contextmanager

@@ -145,10 +145,15 @@ def distilled_loss(model: nn.Module, inputs: dict, targets: torch.Tensor, mask: 
         raise ValueError(distill_problem(model))
     size = chunk_size or head_chunk(model, head)
     taught_rows = taught.any(dim=1)  # (B,) rows that hold replay tokens: only those run the teacher
-    with torch.no_grad(), distill.base():
-        teacher_inputs = {k: v[taught_rows] for k, v in inputs.items()}
-        teacher = model.base_model(**teacher_inputs, use_cache=False).last_hidden_state  # (b, T, H)
-        teacher_rows = teacher[:, :-1][taught[taught_rows]]  # (M, H)
+    was_training = model.training
+    model.eval()  # the base's distribution, without dropout
+    try:
+        with torch.no_grad(), distill.base():
+            teacher_inputs = {k: v[taught_rows] for k, v in inputs.items()}
+            teacher = model.base_model(**teacher_inputs, use_cache=False).last_hidden_state  # (b, T, H)
+            teacher_rows = teacher[:, :-1][taught[taught_rows]]  # (M, H)
+    finally:
+        model.train(was_training)
     plain = mask & ~taught  # (B, T-1)
     loss = head_cross_entropy(hidden[:, :-1][plain], targets[plain], head, size)
     return loss + _LinearCrossEntropy.apply(hidden[:, :-1][taught], head.weight, head.bias, targets[taught], size,

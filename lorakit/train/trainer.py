@@ -453,8 +453,10 @@ def train_ranks(cfg: TrainConfig, world: World, device: torch.device | None, on_
     trainer = Trainer(cfg, trainable, tokenizer, data, device, amp_dtype, world)
     reason = check_chunked_route(model, trainer.collate(trainer.epoch_order(0)[0])[0])
     trainer.chunked = reason is None
-    if trainer.distill is not None and distill_problem(model):
-        raise ValueError(distill_problem(model))
+    if trainer.distill is not None:  # before any output is written; the loss would refuse it at the first step
+        problem = distill_problem(model) or (f"replay_kl_weight needs the chunked loss ({reason})" if reason else None)
+        if problem:
+            raise ValueError(problem)
     apply_model_levers(model, amp_dtype, packed=data.packed, lora=trainable.lora is not None)  # after the fp32 check
     if world.distributed:  # after the levers: FSDP2 shards the frozen base in the dtype they leave it in
         trainer.distribute(sharding)
