@@ -49,7 +49,7 @@ def test_mixed_batch_rows_equal_single_adapter_runs(three):
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
-def test_one_token_rows_take_the_masked_path_and_equal_single_runs(three, grad):
+def test_one_token_rows_equal_single_runs(three, grad):
     g = torch.Generator().manual_seed(7)
     tokens = torch.randint(3, VOCAB, (5, 1), generator=g)  # one token per row, as in a decoding step
     names = ["b", "a", "__base__", "a", "c"]
@@ -59,6 +59,29 @@ def test_one_token_rows_take_the_masked_path_and_equal_single_runs(three, grad):
     torch.testing.assert_close(again, mixed, atol=0, rtol=0)
     for row, name in enumerate(names):
         torch.testing.assert_close(mixed[row], single(three, name, tokens[row:row + 1])[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("length", [1, 6])
+def test_rows_of_a_subset_of_the_adapters_multiply_only_their_own(three, length):
+    g = torch.Generator().manual_seed(11)
+    tokens = torch.randint(3, VOCAB, (4, length), generator=g)
+    names = ["b", "__base__", "b", "a"]  # c is loaded but no row wants it; b's group has 2 rows, a's 1 (padded)
+    with torch.no_grad():
+        mixed = three(tokens, adapter_names=names).logits
+    for row, name in enumerate(names):
+        torch.testing.assert_close(mixed[row], single(three, name, tokens[row:row + 1])[0], atol=1e-5, rtol=1e-5)
+
+
+def test_groups_gather_each_adapters_rows_and_pad_with_the_zero_row():
+    from lorakit.lora.mixed import Groups
+
+    groups = Groups.of([2, 0, 3, 2, 0, 2], 3, torch.device("cpu"))  # slot 3 = the base model: in no group
+    assert groups.present.tolist() == [0, 2] and groups.size == 3 and groups.padded
+    assert groups.gather.tolist() == [1, 4, 6, 0, 3, 5]  # adapter 0: rows 1, 4 and the zero row (6); adapter 2: 0, 3, 5
+    assert groups.scatter.tolist() == [1, 4, 0, 0, 3, 5]  # the padding position adds its zeros into row 0
+    assert Groups.of([3, 3], 3, torch.device("cpu")) is None
+    even = Groups.of([1, 0, 0, 1], 2, torch.device("cpu"))
+    assert not even.padded and even.gather.tolist() == [1, 2, 0, 3]
 
 
 def test_mixed_stacks_follow_weight_updates_between_calls(three):

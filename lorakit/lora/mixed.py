@@ -7,16 +7,23 @@ into B, plus an all-zero slot for rows that want the base model:
     prompt (T > 1):  delta[b] = x[b] @ A_stack[slot[b]]^T @ B_stack[slot[b]]^T     two batched matmuls
     one token:       delta = ((x @ A_cat^T) * mask) @ B_cat^T                       A_cat (N*R, in), mask (B, N*R)
 
-Decoding steps take the second form: every adapter's A in one matmul, a 0/1 mask keeping each row's own block of
-rank columns, one matmul with every B, added into the base output in place; at one token per row that is cheaper
-than gathering per-row weights (N times the rank flops, which are tiny next to the base weights).
+Those are the formulas; a batch where every row has one adapter (or none) runs them grouped by adapter, so that
+each row multiplies only its own adapter's A and B and no weight is gathered per row. With G adapters present and
+C rows in the largest group, the rows are gathered into (G, C, T, in) (padding rows are zeros) and
+
+    h = x_g @ A_stack[present]^T    (G, C*T, R)      delta_g = h @ B_stack[present]^T    (G, C*T, out)
+
+then each group row's delta is added into its batch row (`index_add_`; padding rows add exact zeros). The flops are
+those of the rows' own adapters (the masked form multiplies every adapter for every row: N times the rank flops);
+the weights are read once per step whatever the mix. Rows that want the base model are in no group.
 Zero-padding is exact: the padded rank directions contribute 0 * x.
 
 A row may also ask for a weighted combination of adapters (an entry {name: weight, ...}):
 
     delta[b] = sum_i w[b, i] * scaling_i * B_i A_i x[b]      = ((x @ A_cat^T) * w[b, owner]) @ B_cat^T
 
-the masked form above with each adapter's weight in place of the 0/1 mask (for prompts as for decoding steps).
+the masked form above with each adapter's weight in place of the 0/1 mask (for prompts as for decoding steps; such a
+batch has no groups).
 DoRA adapters (dora.py) run per row too: with g = m / ||W0 + s B A|| per output row (1 for a plain adapter and the
 base), a row's output is  g[slot] * (W0 x + s B A x) + b,  which is DoRA's formula; a weighted combination that
 includes a DoRA adapter, or one with modules_to_save, is refused before the call (LoraModel.check_adapter_entry):
@@ -65,6 +72,37 @@ class Stacks:
 
 
 @dataclass(frozen=True)
+class Groups:
+    """A one-adapter-per-row batch's rows gathered by adapter: group g holds the rows of adapter `present[g]`,
+    padded to `size` rows. Position p = g * size + j of the flattened groups reads batch row `gather[p]` (B, one past
+    the last row, for padding: a zero row) and adds its delta into batch row `scatter[p]` (0 for padding, whose
+    delta is exactly zero)."""
+
+    present: torch.Tensor  # (G,) long: indices into Routing.names, ascending
+    gather: torch.Tensor  # (G * size,) long, values in [0, B]
+    scatter: torch.Tensor  # (G * size,) long, values in [0, B)
+    size: int  # C, the rows of the largest group
+    padded: bool  # some group has fewer than `size` rows (gather reads row B)
+
+    @staticmethod
+    def of(slot: list[int], n: int, device: torch.device) -> Groups | None:
+        """The groups of rows whose slot is below n (slot n is the base model); None when every row is the base."""
+        rows: dict[int, list[int]] = {}
+        for b, s in enumerate(slot):
+            if s < n:
+                rows.setdefault(s, []).append(b)
+        if not rows:
+            return None
+        present = sorted(rows)
+        size = max(len(r) for r in rows.values())
+        pad = len(slot)
+        gather = [b for s in present for b in rows[s] + [pad] * (size - len(rows[s]))]
+        scatter = [b if b != pad else 0 for b in gather]
+        tensors = (torch.tensor(v, dtype=torch.long, device=device) for v in (present, gather, scatter))
+        return Groups(*tensors, size, pad in gather)
+
+
+@dataclass(frozen=True)
 class Routing:
     """What each batch row asks for: `weights[b, i]` is row b's weight of adapter `names[i]` (one-hot for a row
     with one adapter, all zero for the base model); `slot[b]` indexes `names` for those one-adapter rows (len(names)
@@ -76,6 +114,7 @@ class Routing:
     slot: torch.Tensor  # (B,) long; meaningful where `single`
     single: bool
     stacks: Mapping[nn.Module, Stacks | None] = field(repr=False)
+    groups: Groups | None = None  # where `single`: the rows by adapter (None when every row is the base model)
     masks: dict = field(default_factory=dict, compare=False, repr=False)  # (rank, dtype) -> (B, N*R), this call
 
     def rows_for(self, batch: int) -> torch.Tensor:
@@ -91,8 +130,9 @@ class Routing:
         """Each row repeated k times in place, as generate() repeats the prompts for k sequences or beams."""
         if k == 1:
             return self
-        return Routing(self.names, self.weights.repeat_interleave(k, dim=0), self.slot.repeat_interleave(k),
-                       self.single, self.stacks)
+        slot = self.slot.repeat_interleave(k)
+        groups = Groups.of(slot.tolist(), len(self.names), slot.device) if self.single else None
+        return Routing(self.names, self.weights.repeat_interleave(k, dim=0), slot, self.single, self.stacks, groups)
 
     def block_mask(self, rank: int, like: torch.Tensor) -> torch.Tensor:
         """(B, N*rank): each rank column of adapter i carries the row's weight of adapter i (0/1 for one adapter)."""
@@ -116,7 +156,9 @@ def make_routing(adapter_names: list, bank: tuple[str, ...], device: torch.devic
     one = [len(row) == 1 and next(iter(row.values())) == 1.0 for row in rows]
     single = all(o or not row for o, row in zip(one, rows))
     slot = [bank.index(next(iter(row))) if o else len(bank) for o, row in zip(one, rows)]  # combinations: base slot
-    return Routing(bank, weights.to(device), torch.tensor(slot, dtype=torch.long, device=device), single, stacks)
+    groups = Groups.of(slot, len(bank), device) if single else None
+    return Routing(bank, weights.to(device), torch.tensor(slot, dtype=torch.long, device=device), single, stacks,
+                   groups)
 
 
 def parse_names(adapter_names: list, known: set[str]) -> tuple[tuple[str, ...], list[dict[str, float]]]:
@@ -257,16 +299,22 @@ def linear_forward(layer: nn.Module, routing: Routing, x: torch.Tensor, result: 
     batch = x.shape[0]
     slot = routing.rows_for(batch)
     x3 = x.reshape(batch, -1, x.shape[-1]).to(stacks.a.dtype)  # (B, T, in)
-    if x3.shape[1] == 1 or not routing.single:  # all adapters' A at once, each column weighted for its row
+    in_place = stacks.dora_scale is None and not torch.is_grad_enabled() and result.is_contiguous()
+    if routing.single:  # each row through its own adapter only
+        if routing.groups is None:
+            return result
+        delta = _grouped_delta(stacks, routing.groups, x3)  # (G*C, T, out)
+        out = result.reshape(batch, -1, result.shape[-1])  # (B, T, out)
+        if in_place and result.dtype == delta.dtype:  # added into the base output
+            out.index_add_(0, routing.groups.scatter, delta)
+            return result
+        delta = out.new_zeros(out.shape, dtype=delta.dtype).index_add(0, routing.groups.scatter, delta)
+    else:  # weighted combinations: all adapters' A at once, each rank column weighted for its row
         h = F.linear(x3, stacks.a_cat)  # (B, T, N*R)
         h = h * routing.block_mask(stacks.a.shape[1], h)[:, None]
-        if stacks.dora_scale is None and not torch.is_grad_enabled() and result.dtype == h.dtype \
-                and result.is_contiguous():  # decoding: added into the base output in place
+        if in_place and result.dtype == h.dtype:  # added into the base output
             return result.view(-1, result.shape[-1]).addmm_(h.view(-1, h.shape[-1]), stacks.b_cat).view(result.shape)
         delta = h @ stacks.b_cat  # (B, T, out)
-    else:  # prompts of one adapter per row: each row's own A and B, two batched matmuls
-        h = torch.bmm(x3, stacks.a[slot].transpose(1, 2))  # (B, T, R)
-        delta = torch.bmm(h, stacks.b[slot].transpose(1, 2))  # (B, T, out)
     delta = delta.reshape(result.shape)
     if stacks.dora_scale is None:
         return result + delta.to(result.dtype)
@@ -276,6 +324,19 @@ def linear_forward(layer: nn.Module, routing: Routing, x: torch.Tensor, result: 
     plain = result if bias is None else result - bias
     out = g * (plain.to(g.dtype) + delta.to(g.dtype))
     return (out if bias is None else out + bias).to(result.dtype)
+
+
+def _grouped_delta(stacks: Stacks, groups: Groups, x3: torch.Tensor) -> torch.Tensor:
+    """(G*C, T, out): scaling * B A x for each group row, through its group's adapter (padding rows give zeros)."""
+    _, t, d = x3.shape
+    rank, out = stacks.a.shape[1], stacks.b.shape[1]
+    source = F.pad(x3, (0, 0, 0, 0, 0, 1)) if groups.padded else x3  # (B + 1, T, in): row B is the zero row
+    xg = source.index_select(0, groups.gather).view(-1, groups.size * t, d)  # (G, C*T, in)
+    a, b_t = stacks.a[:-1], stacks.b_cat.view(-1, rank, out)  # (N, R, in), (N, R, out) contiguous: B^T per adapter
+    if groups.present.numel() != a.shape[0]:
+        a, b_t = a.index_select(0, groups.present), b_t.index_select(0, groups.present)  # (G, R, in), (G, R, out)
+    h = torch.bmm(xg, a.transpose(1, 2))  # (G, C*T, R)
+    return torch.bmm(h, b_t).view(-1, t, out)  # (G*C, T, out)
 
 
 def embedding_delta(layer: nn.Module, routing: Routing, ids: torch.Tensor) -> torch.Tensor | None:
