@@ -9,6 +9,8 @@ does, so a row's numbers are those of `lorakit chat`); merging pads the narrower
 the rows:
 
     keys (B, H, W, D) + keys (k, H, W', D)  ->  (B + k, H, max(W, W'), D)
+
+The cache is kv.py's: a decoding step writes its column into spare room instead of copying the cache.
 """
 
 from __future__ import annotations
@@ -17,16 +19,16 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
 
 from ..generation import cache_argument, left_pad
 from ..lora import LoraModel
+from .kv import SlackCache
 from .sequence import Adapter
 
 
 @dataclass
 class Batch:
-    cache: DynamicCache
+    cache: SlackCache
     mask: torch.Tensor  # (B, W) long, 1 where a row has a token
     next_ids: torch.Tensor  # (B,) the token each row feeds at the next step
     positions: torch.Tensor  # (B,) that token's position
@@ -58,7 +60,7 @@ class Runner:
         """Run the new prompts; (their batch, next-token logits (k, V)). `next_ids` is for the caller to set."""
         ids, mask = left_pad(prompts, self.pad_id, self.device)  # (k, W'), (k, W')
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # left padding does not shift positions
-        cache = DynamicCache()
+        cache = SlackCache()
         keep = torch.tensor([ids.shape[1] - 1], device=self.device)  # the last position, as generate() keeps it
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                          logits_to_keep=keep, **{cache_argument(self.model): cache}, **self._routing(adapters))
@@ -83,8 +85,7 @@ def merge(running: Batch | None, new: Batch) -> Batch:
         return new
     width = max(running.width, new.width)
     for a, b in zip(running.cache.layers, new.cache.layers, strict=True):
-        a.keys = torch.cat([_pad_left(a.keys, width), _pad_left(b.keys, width)], dim=0)  # (B + k, H, W, D)
-        a.values = torch.cat([_pad_left(a.values, width), _pad_left(b.values, width)], dim=0)
+        a.stack(b, width)  # (B + k, H, width, D)
     mask = torch.cat([F.pad(running.mask, (width - running.width, 0)), F.pad(new.mask, (width - new.width, 0))])
     return Batch(running.cache, mask, torch.cat([running.next_ids, new.next_ids]),
                  torch.cat([running.positions, new.positions]))
@@ -98,11 +99,6 @@ def keep_rows(batch: Batch, rows: list[int]) -> Batch | None:
     mask = batch.mask.index_select(0, index)
     first = int(mask.any(dim=0).to(torch.int8).argmax())  # the first column some row still uses
     for layer in batch.cache.layers:
-        layer.keys = layer.keys.index_select(0, index)[:, :, first:]  # (rows, H, W - first, D)
-        layer.values = layer.values.index_select(0, index)[:, :, first:]
+        layer.select(index, first)  # (rows, H, W - first, D)
     return Batch(batch.cache, mask[:, first:], batch.next_ids.index_select(0, index),
                  batch.positions.index_select(0, index))
-
-
-def _pad_left(x: torch.Tensor, width: int) -> torch.Tensor:
-    return F.pad(x, (0, 0, width - x.shape[-2], 0))  # (B, H, width, D)
