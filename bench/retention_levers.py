@@ -31,6 +31,16 @@ SELF = ["self_replay=true", "replay_kl_weight=0"]  # self-replay rows learn thei
 FAST = ["num_train_epochs=3", "per_device_train_batch_size=4"]  # as many updates as 6 epochs of 8, half the tokens
 SHORT = ["self_replay_max_new_tokens=32"]
 CUT48 = ["self_replay_max_new_tokens=48"]
+# the demo recipe of 2026-12-01 (kl1-lr1e-3-5ep-0.3); the levers after it change one or two of its keys
+DEMO = {"learning_rate": "1e-3", "num_train_epochs": "5", "per_device_train_batch_size": "4", "self_replay": "true",
+        "self_replay_max_new_tokens": "48", "replay_ratio": "0.3", "replay_kl_weight": "1.0"}
+
+
+def demo_with(**changes: str) -> list[str]:
+    """The demo recipe's overrides with some keys changed."""
+    return [f"{k}={v}" for k, v in {**DEMO, **changes}.items()]
+
+
 LEVERS = [  # in the order they run
     ("recipe-0", "the first demo recipe: lr 3e-3, 5 epochs, rank 16, all linear layers", BASE),
     ("self-0.3-fast", "self-replay 30 % (answers <= 32 tokens), 3 epochs of batch 4",
@@ -84,6 +94,12 @@ LEVERS = [  # in the order they run
       "lora_target=gate_proj,up_proj,down_proj"]),
     ("self-0.5-r4", "self-replay 50 % (cut48), 3 epochs of batch 4, rank 4 (alpha 8)",
      ["learning_rate=3e-3", *FAST, *SELF, *CUT48, "replay_ratio=0.5", "lora_rank=4", "lora_alpha=8"]),
+    ("demo-sr96", "the demo recipe, self-replay answers up to 96 tokens", demo_with(self_replay_max_new_tokens="96")),
+    ("demo-sr64", "the demo recipe, self-replay answers up to 64 tokens", demo_with(self_replay_max_new_tokens="64")),
+    ("demo-r4", "the demo recipe at rank 4 (alpha 8)", demo_with(lora_rank="4", lora_alpha="8")),
+    ("demo-attn", "the demo recipe, LoRA on q, k, v, o only", demo_with(lora_target="q_proj,k_proj,v_proj,o_proj")),
+    ("demo-2ep-lr2e-3", "the demo recipe in 2 epochs at lr 2e-3",
+     demo_with(num_train_epochs="2", learning_rate="2e-3")),
     ("alpaca-0.3-3ep", "replay_dataset alpaca_en_demo 30 %, 3 epochs",
      ["learning_rate=3e-3", "num_train_epochs=3", "self_replay=false", "replay_kl_weight=0",
       "replay_dataset={alpaca}", "replay_ratio=0.3"]),
@@ -96,6 +112,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", help="comma-separated lever names")
     p.add_argument("--work", default=str(common.ROOT / "saves" / "bench-retention"), help="adapters go here")
     p.add_argument("--reuse", action="store_true", help="score an adapter already trained in --work, do not retrain")
+    p.add_argument("--calibrate", metavar="ADAPTER", help="the metric's noise floor instead of levers: margins of the "
+                   "base's deciding tokens, and ADAPTER's update scaled down and replaced by random directions "
+                   "(results: bench/results/retention_calibration.json)")
+    p.add_argument("--fp32", action="store_true", help="with --calibrate: score without bf16 autocast "
+                   "(results: retention_calibration_fp32.json)")
+    p.add_argument("--variants", help="with --calibrate: comma-separated variant names (default: all)")
     return p.parse_args(argv)
 
 
@@ -127,9 +149,9 @@ def score_adapter(lora, tokenizer, name, items, cfg, base_answers, probes, bound
     device = next(lora.parameters()).device
     amp = autocast_dtype(device, cfg.bf16, False)
     with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-        kept, _ = retention.retention_of(lora, tokenizer, name, base_answers, probes, bound.prompt_ids, stop,
-                                         batch_size=EVAL_BATCH)
-    return {"kb_contains": kb["contains"], **kept}
+        kept, answers = retention.retention_of(lora, tokenizer, name, base_answers, probes, bound.prompt_ids, stop,
+                                               batch_size=EVAL_BATCH)
+    return {"kb_contains": kb["contains"], **kept, "_right": answers.right}
 
 
 def run_lever(name: str, overrides: list[str], args, model, tokenizer, items, base_answers, probes, bound,
@@ -151,6 +173,8 @@ def run_lever(name: str, overrides: list[str], args, model, tokenizer, items, ba
     adapter = name.replace(".", "_").replace("-", "_")  # a module name: no dots
     lora = LoraModel.from_pretrained(model, out, adapter_name=adapter)
     row = score_adapter(lora, tokenizer, adapter, items, cfg, base_answers, probes, bound, stop)
+    right = row.pop("_right")
+    row["lost"] = [i for i, (b, a) in enumerate(zip(base_answers.right, right)) if b and not a]  # probe indices
     lora.unload()
     return {"name": name, "overrides": overrides, **row, "steps": results.get("global_step"),
             "train_runtime_s": results.get("train_runtime"), "train_seconds_with_setup": round(trained, 1),
@@ -162,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     common.setup_path()
     from lorakit import demo, retention
     from lorakit.models import load_model
+
+    if args.calibrate:
+        return calibrate(Path(args.calibrate), args.fp32, args.variants.split(",") if args.variants else None)
 
     levers = LEVERS
     if args.only:
@@ -188,6 +215,123 @@ def main(argv: list[str] | None = None) -> int:
         path.write_text(json.dumps(payload, indent=2) + "\n")
         print(json.dumps(runs[name]), flush=True)
     print(markdown(payload))
+    return 0
+
+
+# ---------------------------------------------------------------- the metric's noise floor (--calibrate)
+
+SCALES = (0.1, 0.25, 0.5, 1.0)  # the adapter's update B A times s: same direction, smaller step
+RANDOM = (0.25, 0.5, 1.0)  # B replaced by Gaussian noise of the same Frobenius norm per module, times s
+MARGINS = (0.5, 1.0, 2.0)  # log-probability gaps counted as near-ties
+
+
+def deciding_length(tokenizer, ids: list[int], answers: list[str]) -> int:
+    """The fewest answer tokens whose text already contains a keyword (the answer's deciding tokens)."""
+    from lorakit.metrics import contains
+
+    for k in range(1, len(ids) + 1):
+        if contains(tokenizer.decode(ids[:k], skip_special_tokens=True), answers):
+            return k
+    return len(ids)
+
+
+def base_margins(model, tokenizer, base, probes, bf16: bool) -> list[dict]:
+    """Per base-right probe: the smallest top-1 minus top-2 log-probability over the deciding tokens, teacher-forced.
+
+    margin_t = log P(v_1 | x_<t) - log P(v_2 | x_<t), v_1, v_2 the two likeliest tokens at answer position t;
+    a probe whose margin is near 0 flips under any perturbation of the logits of that size.
+    """
+    import torch
+
+    from lorakit.device import autocast_dtype
+
+    device = next(model.parameters()).device
+    amp = autocast_dtype(device, bf16, False)
+    rows = []
+    for i, probe in enumerate(probes):
+        if not base.right[i]:
+            continue
+        k = deciding_length(tokenizer, base.ids[i], probe.answers)
+        seq = torch.tensor([base.prompt_ids[i] + base.ids[i][:k]], device=device)  # (1, T)
+        first = len(base.prompt_ids[i]) - 1
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            logits = model(input_ids=seq).logits[0, first:first + k].float()  # (k, V)
+        top = logits.log_softmax(-1).topk(2, dim=-1).values  # (k, 2)
+        gap = top[:, 0] - top[:, 1]  # (k,)
+        rows.append({"probe": i, "deciding_tokens": k, "min_margin": float(gap.min()),
+                     "at": int(gap.argmin()), "answer_tokens": len(base.ids[i])})
+    return rows
+
+
+def scaled_adapter(src: Path, dst: Path, scale: float, random_seed: int | None) -> Path:
+    """A copy of adapter `src` with every lora_B times `scale` (or Gaussian noise of B's norm times `scale`)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copy(src / "adapter_config.json", dst / "adapter_config.json")
+    state = load_file(src / "adapter_model.safetensors")
+    gen = torch.Generator().manual_seed(random_seed) if random_seed is not None else None
+    for key, value in state.items():
+        if "lora_B" not in key:
+            continue
+        if gen is not None:
+            noise = torch.randn(value.shape, generator=gen, dtype=torch.float32)
+            value = noise * (value.float().norm() / noise.norm())
+        state[key] = (value.float() * scale).to(value.dtype).contiguous()
+    save_file(state, dst / "adapter_model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def calibrate(adapter: Path, fp32: bool, wanted: list[str] | None) -> int:
+    """Margins of the base's deciding tokens, and retention of scaled and random versions of `adapter`.
+
+    With `fp32` every score runs without bf16 autocast (the base's answers too)."""
+    import tempfile
+
+    import torch
+
+    from lorakit import demo, retention
+    from lorakit.lora import LoraModel
+    from lorakit.models import load_model
+
+    cfg, _ = demo.load_config(demo.CONFIG, [])
+    cfg.bf16 = cfg.bf16 and not fp32
+    items = demo.held_out_items(str(demo.ROOT / cfg.dataset_dir))
+    probes = retention.load_probes()
+    model, tokenizer, _ = load_model(None, dtype="float32")
+    kb, base, bound, stop = score_base(model, tokenizer, items, cfg.template, cfg.bf16, probes)
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=fp32)  # the other precision: flips from numerics alone
+    with torch.no_grad(), amp:
+        other = retention.ask(model, tokenizer, probes, "__base__", bound.prompt_ids, stop, batch_size=EVAL_BATCH)
+    with torch.no_grad():
+        margins = base_margins(model, tokenizer, base, probes, cfg.bf16)
+    other_kept = retention.compare(base, other)
+    payload = {"machine": common.machine(), "adapter": str(adapter), "scored_in": "fp32" if fp32 else "bf16 autocast",
+               "base_right": sum(base.right), "flips_in_the_other_precision": other_kept["base_right"] -
+               other_kept["kept"], "base_kb_contains": kb["contains"],
+               "near_ties": {str(m): sum(r["min_margin"] < m for r in margins) for m in MARGINS}, "margins": margins,
+               "variants": []}
+    lora = None
+    with tempfile.TemporaryDirectory() as tmp:
+        variants = [(f"scale-{s}", s, None) for s in SCALES] + [(f"random-{s}", s, 17) for s in RANDOM]
+        variants = [v for v in variants if wanted is None or v[0] in wanted]
+        for name, scale, seed in variants:
+            path = scaled_adapter(adapter, Path(tmp) / name, scale, seed)
+            adapter_name = name.replace(".", "_").replace("-", "_")
+            lora = LoraModel.from_pretrained(model, path, adapter_name=adapter_name)
+            row = score_adapter(lora, tokenizer, adapter_name, items, cfg, base, probes, bound, stop)
+            right = row.pop("_right")
+            row["lost"] = [r["probe"] for r in margins if not right[r["probe"]]]
+            row["lost_min_margins"] = [round(r["min_margin"], 3) for r in margins if not right[r["probe"]]]
+            payload["variants"].append({"name": name, **row})
+            print(json.dumps(payload["variants"][-1]), flush=True)
+            model = lora.unload()
+    path = common.results_dir(False) / f"{NAME}_calibration{'_fp32' if fp32 else ''}.json"
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    print(json.dumps({k: payload[k] for k in ("base_right", "flips_in_the_other_precision", "near_ties")}))
     return 0
 
 
