@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from lorakit.data.batching import batch_order, rank_share
 from lorakit.train import load_config
 from lorakit.train.distributed import World, launch_command, wants_launch
-from lorakit.train.sharding import deepspeed_stage, plan_for
+from lorakit.train.sharding import Plan, deepspeed_stage, load_device, move_buffers, plan_for
 from lorakit.train.state import Schedule
 
 
@@ -91,6 +92,21 @@ def test_fsdp_keys_and_refusals(tmp_path):
                          "replay_kl_weight=0.5"))
     with pytest.raises(ValueError, match="deepspeed and fsdp are both set"):
         plan_for(_config(tmp_path, "finetuning_type=full", "fsdp=full_shard", f"deepspeed={_ds(tmp_path, 3)}"))
+
+
+def test_fsdp2_on_an_accelerator_loads_the_base_on_the_cpu():
+    two, cuda, cpu = World(rank=0, size=2, backend="nccl"), torch.device("cuda", 1), torch.device("cpu")
+    assert load_device(Plan("fsdp"), two, cuda) == cpu  # fully_shard moves each layer over as it shards it
+    assert load_device(Plan("ddp"), two, cuda) == cuda  # DDP: every rank holds the whole model on its device
+    assert load_device(Plan("fsdp"), World.single(), cuda) == cuda
+    assert load_device(Plan("fsdp"), two, cpu) == cpu
+
+
+def test_move_buffers_puts_every_buffer_on_the_device():
+    module = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    move_buffers(module, torch.device("meta"))
+    assert all(b.device.type == "meta" for b in module.buffers())
+    assert all(p.device.type == "cpu" for p in module.parameters())  # parameters are fully_shard's
 
 
 def test_launch_command_follows_llama_factory_variables():

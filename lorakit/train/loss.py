@@ -259,7 +259,8 @@ def check_chunked_route(model: nn.Module, batch: dict, max_tokens: int = 256) ->
     reason = plain_route_reason(model)
     if reason is not None:
         return reason
-    one = {k: v[:1, :max_tokens] for k, v in batch.items()}
+    device = next(model.parameters()).device  # the CPU for a base that FSDP2 has not sharded onto the device yet
+    one = {k: v[:1, :max_tokens].to(device) for k, v in batch.items()}
     was_training = model.training
     model.eval()
     try:

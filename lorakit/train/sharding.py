@@ -170,6 +170,15 @@ class Sharded:
         return lines
 
 
+def load_device(plan: Plan, world: World, device: torch.device) -> torch.device:
+    """Where the base model loads: on the CPU for FSDP2 on an accelerator (fully_shard then moves each decoder
+    layer to `device` as it shards it, so a rank's device never holds more than one whole layer next to its shards:
+    a base that does not fit one device trains); on `device` otherwise."""
+    if world.distributed and plan.mode == "fsdp" and device.type != "cpu":
+        return torch.device("cpu")
+    return device
+
+
 def shard(trainable: Trainable, plan: Plan, world: World, device: torch.device, find_unused: bool) -> Sharded:
     """Wrap the trainable model for `plan` (the optimizer must be made afterwards, over the parameters it left).
 
@@ -194,9 +203,18 @@ def shard(trainable: Trainable, plan: Plan, world: World, device: torch.device, 
                else OffloadPolicy()}
     _, layers = decoder_layers(trainable.model)
     for layer in layers:
-        fully_shard(layer, **options)
+        fully_shard(layer, **options)  # moves the layer's weights to the mesh's device, then keeps this rank's shard
     fully_shard(root, **options)
+    move_buffers(root, device)
     return Sharded(plan, root, world)
+
+
+def move_buffers(module: nn.Module, device: torch.device) -> None:
+    """Buffers (rotary tables) on `device`, whether or not fully_shard moved them (a base loaded on the CPU)."""
+    for sub in module.modules():
+        for name, buffer in list(sub._buffers.items()):
+            if buffer is not None and buffer.device != device:
+                sub._buffers[name] = buffer.to(device)
 
 
 def check_same_weights(trainable: Trainable, world: World) -> None:

@@ -54,7 +54,7 @@ from .rank_allocation import RankAllocation
 from .report import MetricsLog, plot_loss
 from .schedule import get_lr, warmup_steps_for
 from .self_replay import build_replay
-from .sharding import Sharded, plan_for, shard
+from .sharding import Sharded, load_device, plan_for, shard
 from .startup import startup_lines
 from .state import Schedule, TrainerState, capture_rng
 
@@ -430,8 +430,13 @@ def train_ranks(cfg: TrainConfig, world: World, device: torch.device | None, on_
         say(f"lorakit train: {line}")
     if world.is_main:
         say(f"lorakit train: loading {plan.model_path} ...")
-    # a QLoRA base is quantized layer by layer while it loads: its 16/32-bit weights never all exist at once
-    model, tokenizer, _ = load_model(cfg.model_name_or_path, dtype="float32", device=device,
+    # a QLoRA base is quantized layer by layer while it loads: its 16/32-bit weights never all exist at once;
+    # under FSDP2 on an accelerator it loads on the CPU and fully_shard moves it over layer by layer
+    load_on = load_device(sharding, world, device)
+    if load_on != device and world.is_main:
+        say(f"lorakit train: FSDP2: the base loads on the CPU; fully_shard moves each decoder layer to {device} "
+            f"as it shards it")
+    model, tokenizer, _ = load_model(cfg.model_name_or_path, dtype="float32", device=load_on,
                                      quantization=quantization_of(cfg))
     task = task_data(cfg, plan.records, tokenizer)
     rows = replay_count(len(task.train), cfg.replay_ratio) if plan.replay else None  # self-replay answers no more
