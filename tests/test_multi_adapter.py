@@ -95,6 +95,23 @@ def test_mixed_stacks_follow_weight_updates_between_calls(three):
     torch.testing.assert_close(after[1], before[1], atol=1e-6, rtol=1e-6)
 
 
+def test_mixed_stacks_follow_new_storage_and_an_adapter_added_again(three):
+    tokens = torch.randint(3, VOCAB, (2, 1), generator=torch.Generator().manual_seed(9))
+    up = three.model.model.layers[0].mlp.up_proj
+    with torch.no_grad():
+        three(tokens, adapter_names=["a", "b"])
+        up.lora_B["a"].weight.data = up.lora_B["a"].weight.data * 3  # new storage, not an in-place write
+        swapped = three(tokens, adapter_names=["a", "b"]).logits
+        torch.testing.assert_close(swapped[0], single(three, "a", tokens[:1])[0], atol=1e-5, rtol=1e-5)
+        three.delete_adapter("a")
+        torch.manual_seed(99)
+        three.add_adapter("a", CONFIGS["a"])  # the same name, new weights
+        three.eval()
+        again = three(tokens, adapter_names=["a", "b"]).logits
+    torch.testing.assert_close(again[0], single(three, "a", tokens[:1])[0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(again[0], swapped[0])
+
+
 def test_mixed_generate_equals_single_generate(three):
     g = torch.Generator().manual_seed(6)
     prompts = torch.randint(3, VOCAB, (4, 6), generator=g)

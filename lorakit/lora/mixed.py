@@ -251,43 +251,50 @@ def _dora_scale(layer: nn.Module, names: tuple[str, ...], out: int) -> torch.Ten
     return torch.stack([r.to(device) for r in rows] + [torch.ones(out, device=device)])
 
 
-def _versions(layer: nn.Module, names: tuple[str, ...]) -> tuple:
-    """What the stacks of `layer` depend on: each adapter's factors (storage and in-place version) and scaling."""
+def _watched(layer: nn.Module, names: tuple[str, ...]) -> list[torch.Tensor]:
+    """The tensors the stacks of `layer` are built from: each adapter's factors (and, for DoRA, the base weight)."""
     out = []
     for table in tables_of(layer) + ("lora_magnitude_vector", "lora_E"):
         params = getattr(layer, table, {})
-        for name in names:
-            if name in params:
-                p = _weight(params[name])
-                out.append((name, p.data_ptr(), p._version, layer.scaling[name]))
+        out += [_weight(params[name]) for name in names if name in params]
     if any(n in layer.lora_magnitude_vector for n in names):  # DoRA's norms read the base weight too
-        w = layer.base_layer.weight
-        out.append((w.data_ptr(), w._version))
-    return tuple(out)
+        out.append(layer.base_layer.weight)
+    return out
 
 
 class StackCache:
     """The stacks of every LoRA layer for the adapters of the last mixed call, reused while none of their weights
-    changed (checked once per call); owned by one LoraModel."""
+    changed; owned by one LoraModel, which clears it when it adds or removes adapters.
+
+    A call checks the watched tensors (found when the stacks are built) for a new storage or an in-place write
+    (data pointer, version counter) and every layer's scalings: one pass over a flat list, since a server makes
+    this check at every decoding step. (A factor module swapped in by hand, outside LoraModel's methods, is not
+    watched: add or load adapters through LoraModel.)"""
 
     def __init__(self) -> None:
-        self.names: tuple[str, ...] | None = None
-        self.versions: tuple = ()
-        self.stacks: dict[nn.Module, Stacks | None] = {}
+        self.clear()
 
     def get(self, layers: list[nn.Module], names: tuple[str, ...]) -> dict[nn.Module, Stacks | None]:
         """The stacks of `layers` for `names`: the cached ones while nothing they depend on changed."""
         if torch.is_grad_enabled():  # stacks inside the graph, so that the LoRA parameters get gradients
             return {m: build_stacks(m, names) for m in layers}
-        versions = tuple(_versions(m, names) for m in layers)
-        if names != self.names or versions != self.versions or len(self.stacks) != len(layers):
+        if names != self.names or len(self.stacks) != len(layers) or self._versions(layers) != self.versions:
             with torch.no_grad():
                 self.stacks = {m: build_stacks(m, names) for m in layers}
-            self.names, self.versions = names, versions
+            self.names, self.watched = names, [t for m in layers for t in _watched(m, names)]
+            self.versions = self._versions(layers)
         return self.stacks
 
+    def _versions(self, layers: list[nn.Module]) -> tuple:
+        assert self.names is not None
+        return (tuple((t.data_ptr(), t._version) for t in self.watched),
+                tuple(m.scaling.get(n) for m in layers for n in self.names))
+
     def clear(self) -> None:
-        self.names, self.versions, self.stacks = None, (), {}
+        self.names: tuple[str, ...] | None = None
+        self.versions: tuple = ()
+        self.watched: list[torch.Tensor] = []
+        self.stacks: dict[nn.Module, Stacks | None] = {}
 
 
 # --- the per-row forwards ----------------------------------------------------------------------------------------

@@ -61,6 +61,7 @@ class LoraModel(nn.Module):
         elif config.target_modules == "all-linear":
             config = dataclasses.replace(config, target_modules=resolve_targets(self.model, config))
         self._layers = None
+        self._stacks.clear()
         inject_adapter(self.model, config, adapter_name, init_factors=lora_ga_factors)
         config = _with_fan_in_fan_out(self.model, adapter_name, config, source=None)
         self.peft_config[adapter_name] = config
@@ -102,6 +103,7 @@ class LoraModel(nn.Module):
         for _, module in wrappers(self.model):
             module.delete_adapter(adapter_name)
         self._layers = None
+        self._stacks.clear()
         del self.peft_config[adapter_name]
         self._initial_factors.pop(adapter_name, None)
         self._restore_base(adapter_name)
