@@ -144,7 +144,7 @@ class LoraModel(nn.Module):
     # --- merging -----------------------------------------------------------------------------------------------
     @property
     def merged(self) -> bool:
-        return any(m.merged for _, m in lora_layers(self.model))
+        return any(m.merged for m in self._layer_list())  # the cached list: every mixed call asks
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = True) -> None:
         """Fold the active adapter (or `adapter_names`) into the base weights. A no-op when already merged.
