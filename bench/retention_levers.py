@@ -221,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
 # ---------------------------------------------------------------- the metric's noise floor (--calibrate)
 
 SCALES = (0.1, 0.25, 0.5, 1.0)  # the adapter's update B A times s: same direction, smaller step
-RANDOM = (0.25, 0.5, 1.0)  # B replaced by Gaussian noise of the same Frobenius norm per module, times s
+RANDOM = (0.25, 0.5, 1.0, 2.5)  # B replaced by Gaussian noise of the same Frobenius norm per module, times s
+VARIANTS = [(f"scale-{s}", s, None) for s in SCALES] + [(f"random-{s}", s, 17) for s in RANDOM]  # (name, s, seed)
 MARGINS = (0.5, 1.0, 2.0)  # log-probability gaps counted as near-ties
 
 
@@ -316,9 +317,7 @@ def calibrate(adapter: Path, fp32: bool, wanted: list[str] | None) -> int:
                "variants": []}
     lora = None
     with tempfile.TemporaryDirectory() as tmp:
-        variants = [(f"scale-{s}", s, None) for s in SCALES] + [(f"random-{s}", s, 17) for s in RANDOM]
-        variants = [v for v in variants if wanted is None or v[0] in wanted]
-        for name, scale, seed in variants:
+        for name, scale, seed in [v for v in VARIANTS if wanted is None or v[0] in wanted]:
             path = scaled_adapter(adapter, Path(tmp) / name, scale, seed)
             adapter_name = name.replace(".", "_").replace("-", "_")
             lora = LoraModel.from_pretrained(model, path, adapter_name=adapter_name)
@@ -330,6 +329,11 @@ def calibrate(adapter: Path, fp32: bool, wanted: list[str] | None) -> int:
             print(json.dumps(payload["variants"][-1]), flush=True)
             model = lora.unload()
     path = common.results_dir(False) / f"{NAME}_calibration{'_fp32' if fp32 else ''}.json"
+    if wanted and path.is_file():  # some variants rerun: keep the others
+        done = {v["name"] for v in payload["variants"]}
+        kept = [v for v in json.loads(path.read_text())["variants"] if v["name"] not in done]
+        order = [n for n, _, _ in VARIANTS]
+        payload["variants"] = sorted(kept + payload["variants"], key=lambda v: order.index(v["name"]))
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(json.dumps({k: payload[k] for k in ("base_right", "flips_in_the_other_precision", "near_ties")}))
     return 0
