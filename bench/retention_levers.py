@@ -100,6 +100,8 @@ LEVERS = [  # in the order they run
     ("demo-attn", "the demo recipe, LoRA on q, k, v, o only", demo_with(lora_target="q_proj,k_proj,v_proj,o_proj")),
     ("demo-2ep-lr2e-3", "the demo recipe in 2 epochs at lr 2e-3",
      demo_with(num_train_epochs="2", learning_rate="2e-3")),
+    ("demo-0.5-4ep-lr1.5e-3", "the demo recipe with self-replay 50 %, 4 epochs at lr 1.5e-3",
+     demo_with(replay_ratio="0.5", num_train_epochs="4", learning_rate="1.5e-3")),
     ("alpaca-0.3-3ep", "replay_dataset alpaca_en_demo 30 %, 3 epochs",
      ["learning_rate=3e-3", "num_train_epochs=3", "self_replay=false", "replay_kl_weight=0",
       "replay_dataset={alpaca}", "replay_ratio=0.3"]),
@@ -312,7 +314,8 @@ def calibrate(adapter: Path, fp32: bool, wanted: list[str] | None) -> int:
     other_kept = retention.compare(base, other)
     payload = {"machine": common.machine(), "adapter": str(adapter), "scored_in": "fp32" if fp32 else "bf16 autocast",
                "base_right": sum(base.right), "flips_in_the_other_precision": other_kept["base_right"] -
-               other_kept["kept"], "base_kb_contains": kb["contains"],
+               other_kept["kept"], "other_precision_lost": [i for i, (b, o) in enumerate(zip(base.right, other.right))
+                                                            if b and not o], "base_kb_contains": kb["contains"],
                "near_ties": {str(m): sum(r["min_margin"] < m for r in margins) for m in MARGINS}, "margins": margins,
                "variants": []}
     lora = None
@@ -339,12 +342,33 @@ def calibrate(adapter: Path, fp32: bool, wanted: list[str] | None) -> int:
     return 0
 
 
+FLOOR_KL = 0.01  # a knowledge-free perturbation up to this KL marks the probes it flips as unstable
+
+
+def unstable_probes(calibration: dict) -> set[int]:
+    """Base-right probes that flip without any knowledge moving: in the other precision, or under a random-direction
+    adapter of KL <= FLOOR_KL (an analysis of the metric's noise; lorakit's retention counts every base-right probe)."""
+    lost = set(calibration.get("other_precision_lost", []))
+    for v in calibration["variants"]:
+        if v["name"].startswith("random-") and v["kl"] <= FLOOR_KL:
+            lost |= set(v["lost"])
+    return lost
+
+
 def markdown(payload: dict) -> str:
-    rows = [["base model", "", f"{payload['base']['kb_contains']:.0%}", "100 %", "0", ""]]
+    path = common.results_dir(False) / f"{NAME}_calibration.json"
+    unstable = unstable_probes(json.loads(path.read_text())) if path.is_file() else None
+    stable = payload["base"]["base_right"] - len(unstable) if unstable is not None else None
+    rows = [["base model", "", f"{payload['base']['kb_contains']:.0%}", "100 %", "0", "", ""]]
     for r in payload.get("runs", []):
+        on_stable = ""
+        if stable and "lost" in r:
+            kept = stable - len(set(r["lost"]) - unstable)
+            on_stable = f"{kept / stable:.0%} ({kept}/{stable})"
         rows.append([r["name"], r["lever"], f"{r['kb_contains']:.0%}", f"{r['retention']:.0%} ({r['kept']}/"
-                     f"{r['base_right']})", f"{r['kl']:.3f}", f"{r['train_runtime_s']:.0f}"])
-    return common.table(["lever", "what changes", "held-out KB", "retention", "KL", "train s"], rows)
+                     f"{r['base_right']})", f"{r['kl']:.3f}", f"{r['train_runtime_s']:.0f}", on_stable])
+    return common.table(["lever", "what changes", "held-out KB", "retention", "KL", "train s",
+                         "retention on stable probes"], rows)
 
 
 if __name__ == "__main__":
