@@ -267,22 +267,24 @@ def machine_peaks(smoke: bool) -> dict:
 def decode_step(kind: str, row: dict, model_dir: Path, adapters: list[Path], new_tokens: int) -> dict:
     """Bytes read and flops of one decoding step (an estimate from the files and the config, fp32):
 
-    bytes = W (every weight file, the tied head read once) + n_a * A (adapter files the step multiplies: lorakit's
-            decode multiplies every loaded adapter's A and B, masked per row; PEFT the active one; merged none)
-            + rows * ctx * L * 2 * kv_heads * head_dim * 4          (the KV cache, ctx = prompt + new / 2)
-    flops = 2 * rows * (P + n_a * P_a) + rows * L * 4 * heads * head_dim * ctx      (P: weights, P_a: one adapter)
+    bytes = W (every weight file, the tied head read once) + n_a * A (the adapter files the step reads: lorakit
+            reads each adapter of the batch once, the mixed run's rows spread over min(rows, 8) of them; PEFT the
+            active one; merged none) + rows * ctx * L * 2 * kv_heads * head_dim * 4   (KV cache, ctx = prompt + new / 2)
+    flops = 2 * rows * (P + m * P_a) + rows * L * 4 * heads * head_dim * ctx      (P: weights, P_a: one adapter;
+            m = 1: each row multiplies its own adapter only, 0 merged)
     """
     cfg = json.loads((model_dir / "config.json").read_text())
     weights = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
     one_adapter = (adapters[0] / "adapter_model.safetensors").stat().st_size
-    n_a = {"peft-by-hand": 1, "transformers-serve-cb": 0}.get(kind, len(adapters))
     rows = 1 if kind == "peft-by-hand" else row["clients"]
+    n_a = {"peft-by-hand": 1, "transformers-serve-cb": 0, "lorakit-one": 1}.get(kind, min(rows, len(adapters)))
+    m = 0 if kind == "transformers-serve-cb" else 1
     layers, heads, kv, hd = (cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"],
                              cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
     ctx = (row.get("prompt_tokens_mean") or 0) + new_tokens / 2
     kv_bytes = rows * ctx * layers * 2 * kv * hd * 4
     read = weights + n_a * one_adapter + kv_bytes
-    flops = 2 * rows * (weights + n_a * one_adapter) / 4 + rows * layers * 4 * heads * hd * ctx
+    flops = 2 * rows * (weights + m * one_adapter) / 4 + rows * layers * 4 * heads * hd * ctx
     return {"rows": rows, "adapters_read": n_a, "mb_read": read / 1e6, "kv_mb": kv_bytes / 1e6,
             "gflop": flops / 1e9}
 
