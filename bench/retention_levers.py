@@ -211,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
             overrides = [o.replace("{alpaca}", str(common.alpaca_en_demo())) for o in overrides]
         print(f"--- {name}: {lever}", file=sys.stderr, flush=True)
         row = run_lever(name, overrides, args, model, tokenizer, items, base_answers, probes, bound, stop)
+        if args.reuse and name in runs:  # rescored only: the training time is the earlier run's
+            row["train_seconds_with_setup"] = runs[name].get("train_seconds_with_setup")
         runs[name] = {**row, "lever": lever}
         payload["runs"] = [runs[n] for n, _, _ in LEVERS if n in runs]
         path.parent.mkdir(parents=True, exist_ok=True)
