@@ -3,27 +3,25 @@
 The adapters present in a batch are stacked once per layer, ranks zero-padded to the largest, scaling folded
 into B, plus an all-zero slot for rows that want the base model:
 
-    A_stack (N+1, R, in),  B_stack (N+1, out, R)
-    prompt (T > 1):  delta[b] = x[b] @ A_stack[slot[b]]^T @ B_stack[slot[b]]^T     two batched matmuls
-    one token:       delta = ((x @ A_cat^T) * mask) @ B_cat^T                       A_cat (N*R, in), mask (B, N*R)
+    A_stack (N+1, R, in),  B_stack (N+1, out, R),  delta[b] = scaling B_slot[b] A_slot[b] x[b]
 
-Those are the formulas; a batch where every row has one adapter (or none) runs them grouped by adapter, so that
-each row multiplies only its own adapter's A and B and no weight is gathered per row. With G adapters present and
-C rows in the largest group, the rows are gathered into (G, C, T, in) (padding rows are zeros) and
+A batch where every row has one adapter (or none) runs grouped by adapter, so that each row multiplies only its own
+adapter's A and B and no weight is gathered per row. With G adapters present and C rows in the largest group, the
+rows are gathered into (G, C, T, in) (padding rows are zeros) and
 
     h = x_g @ A_stack[present]^T    (G, C*T, R)      delta_g = h @ B_stack[present]^T    (G, C*T, out)
 
 then each group row's delta is added into its batch row (`index_add_`; padding rows add exact zeros). The flops are
-those of the rows' own adapters (the masked form multiplies every adapter for every row: N times the rank flops);
-the weights are read once per step whatever the mix. Rows that want the base model are in no group.
-Zero-padding is exact: the padded rank directions contribute 0 * x.
+those of the rows' own adapters, the weights of each adapter in use are read once per call, prompts (T > 1) and
+decoding steps (T = 1) alike. Rows that want the base model are in no group. Zero-padding of ranks is exact: the
+padded rank directions contribute 0 * x.
 
 A row may also ask for a weighted combination of adapters (an entry {name: weight, ...}):
 
     delta[b] = sum_i w[b, i] * scaling_i * B_i A_i x[b]      = ((x @ A_cat^T) * w[b, owner]) @ B_cat^T
 
-the masked form above with each adapter's weight in place of the 0/1 mask (for prompts as for decoding steps; such a
-batch has no groups).
+with A_cat (N*R, in) every adapter's A, B_cat (N*R, out) every B^T, and each rank column weighted by its row's
+weight of the adapter that owns it (`Routing.block_mask`): a batch with a combination runs every row this way.
 DoRA adapters (dora.py) run per row too: with g = m / ||W0 + s B A|| per output row (1 for a plain adapter and the
 base), a row's output is  g[slot] * (W0 x + s B A x) + b,  which is DoRA's formula; a weighted combination that
 includes a DoRA adapter, or one with modules_to_save, is refused before the call (LoraModel.check_adapter_entry):
@@ -33,7 +31,7 @@ How a layer learns the routing: `LoraModel.forward/generate(..., adapter_names=.
 row's slot and weights, and every LoRA layer's stacks) and makes it current for the duration of that call
 (`routed`); a LoRA layer's forward reads `current_routing()`. Nothing is set on the layers. The stacks hold every
 per-row adapter the LoraModel has, in load order (N above is that count), and come from a `StackCache` the
-LoraModel holds: checked against the adapters' weights (version counters) once per call and rebuilt only when
+LoraModel holds: checked against the adapters' weights (storage, version counters) once per call and rebuilt only when
 adapters are added, removed or changed, not when a batch's mix of adapters does (a server's batches change every
 step). With gradients on, the stacks are built from the parameters in the graph instead (not cached), so the LoRA
 parameters get gradients; training mode is refused by LoraModel (no dropout runs on this path).
