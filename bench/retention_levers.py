@@ -9,6 +9,11 @@ trains for minutes.
 
     python bench/retention_levers.py                       # every lever (5-15 min each on this machine)
     python bench/retention_levers.py --only kl1-lr2e-3,self-0.5-kl1  # some of them
+    python bench/retention_levers.py --calibrate saves/bench-retention/kl1-lr1e-3-5ep-0.3 [--fp32]  # noise floor
+
+--calibrate measures the metric itself: how close the base's right answers are to a tie at their deciding tokens, and
+what retention an adapter's update scaled down, or replaced by a random direction of the same size, keeps
+(bench/results/retention_calibration*.json).
 """
 
 from __future__ import annotations
@@ -119,8 +124,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(results: bench/results/retention_calibration.json)")
     p.add_argument("--fp32", action="store_true", help="with --calibrate: score without bf16 autocast "
                    "(results: retention_calibration_fp32.json)")
-    p.add_argument("--variants", help="with --calibrate: comma-separated variant names (default: all)")
-    return p.parse_args(argv)
+    p.add_argument("--variants", help="with --calibrate: comma-separated variant names (default: all; none: the "
+                   "base's numbers only, earlier variants kept)")
+    args = p.parse_args(argv)
+    names = {n for n, _, _ in VARIANTS} | {"none"}
+    unknown = sorted(set(args.variants.split(",")) - names) if args.variants else []
+    if unknown:
+        p.error(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(sorted(names))}")
+    return args
 
 
 def score_base(model, tokenizer, items, template, bf16: bool, probes):
