@@ -107,6 +107,8 @@ LEVERS = [  # in the order they run
      demo_with(num_train_epochs="2", learning_rate="2e-3")),
     ("demo-0.5-4ep-lr1.5e-3", "the demo recipe with self-replay 50 %, 4 epochs at lr 1.5e-3",
      demo_with(replay_ratio="0.5", num_train_epochs="4", learning_rate="1.5e-3")),
+    ("demo-alpaca-prompts", "the demo recipe, self-replay of the base's answers to alpaca_en_demo's instructions",
+     demo_with(replay_dataset="{alpaca}")),
     ("alpaca-0.3-3ep", "replay_dataset alpaca_en_demo 30 %, 3 epochs",
      ["learning_rate=3e-3", "num_train_epochs=3", "self_replay=false", "replay_kl_weight=0",
       "replay_dataset={alpaca}", "replay_ratio=0.3"]),
