@@ -75,13 +75,18 @@ def test_rows_of_a_subset_of_the_adapters_multiply_only_their_own(three, length)
 def test_groups_gather_each_adapters_rows_and_pad_with_the_zero_row():
     from lorakit.lora.mixed import Groups
 
-    groups = Groups.of([2, 0, 3, 2, 0, 2], 3, torch.device("cpu"))  # slot 3 = the base model: in no group
-    assert groups.present.tolist() == [0, 2] and groups.size == 3 and groups.padded
+    cpu = torch.device("cpu")
+    groups = Groups.of([2, 0, 3, 2, 0, 2], 3, cpu)  # slot 3 = the base model: in no group
+    assert groups.present.tolist() == [0, 2] and groups.size == 3 and groups.padded and not groups.identity
     assert groups.gather.tolist() == [1, 4, 6, 0, 3, 5]  # adapter 0: rows 1, 4 and the zero row (6); adapter 2: 0, 3, 5
-    assert groups.scatter.tolist() == [1, 4, 0, 0, 3, 5]  # the padding position adds its zeros into row 0
-    assert Groups.of([3, 3], 3, torch.device("cpu")) is None
-    even = Groups.of([1, 0, 0, 1], 2, torch.device("cpu"))
-    assert not even.padded and even.gather.tolist() == [1, 2, 0, 3]
+    assert groups.source.tolist() == [3, 0, 2, 4, 1, 5]  # row 2 (the base) reads padding position 2
+    assert Groups.of([3, 3], 3, cpu) is None
+    even = Groups.of([1, 0, 0, 1], 2, cpu)
+    assert not even.padded and even.gather.tolist() == [1, 2, 0, 3] and even.source.tolist() == [2, 0, 1, 3]
+    with_base = Groups.of([0, 2, 0], 2, cpu)  # full groups and a base row: one padding position is added
+    assert with_base.size == 3 and with_base.padded and with_base.source.tolist()[1] == 2
+    one = Groups.of([1, 1, 1], 2, cpu)
+    assert one.identity and one.size == 3 and not one.padded
 
 
 def test_mixed_stacks_follow_weight_updates_between_calls(three):

@@ -11,7 +11,8 @@ rows are gathered into (G, C, T, in) (padding rows are zeros) and
 
     h = x_g @ A_stack[present]^T    (G, C*T, R)      delta_g = h @ B_stack[present]^T    (G, C*T, out)
 
-then each group row's delta is added into its batch row (`index_add_`; padding rows add exact zeros). The flops are
+then each batch row takes its group row's delta (`Groups.source`; a row of the base model takes a padding row's exact
+zeros) and adds it into its base output. The flops are
 those of the rows' own adapters, the weights of each adapter in use are read once per call, prompts (T > 1) and
 decoding steps (T = 1) alike. Rows that want the base model are in no group. Zero-padding of ranks is exact: the
 padded rank directions contribute 0 * x.
@@ -73,14 +74,19 @@ class Stacks:
 class Groups:
     """A one-adapter-per-row batch's rows gathered by adapter: group g holds the rows of adapter `present[g]`,
     padded to `size` rows. Position p = g * size + j of the flattened groups reads batch row `gather[p]` (B, one past
-    the last row, for padding: a zero row) and adds its delta into batch row `scatter[p]` (0 for padding, whose
-    delta is exactly zero)."""
+    the last row, is a zero row: padding); batch row b takes its delta from position `source[b]` (a padding
+    position, whose delta is exactly zero, for a row that wants the base model: there is one whenever such a row
+    exists). `identity`: the positions are the batch rows in order (one adapter, or rows already grouped, no base
+    rows), so neither gather nor source is needed. (Gathering back with index_select rather than scattering with
+    index_add_: the latter opens a parallel region even for a few rows, which costs a scheduler slice per layer
+    when another process holds a core.)"""
 
     present: torch.Tensor  # (G,) long: indices into Routing.names, ascending
     gather: torch.Tensor  # (G * size,) long, values in [0, B]
-    scatter: torch.Tensor  # (G * size,) long, values in [0, B)
-    size: int  # C, the rows of the largest group
-    padded: bool  # some group has fewer than `size` rows (gather reads row B)
+    source: torch.Tensor  # (B,) long, values in [0, G * size)
+    size: int  # C, the rows of a group
+    padded: bool  # some position reads the zero row
+    identity: bool
 
     @staticmethod
     def of(slot: list[int], n: int, device: torch.device) -> Groups | None:
@@ -93,11 +99,16 @@ class Groups:
             return None
         present = sorted(rows)
         size = max(len(r) for r in rows.values())
+        short = any(len(r) < size for r in rows.values())
+        if not short and sum(len(r) for r in rows.values()) < len(slot):
+            size += 1  # rows of the base model read their zeros from a padding position
         pad = len(slot)
         gather = [b for s in present for b in rows[s] + [pad] * (size - len(rows[s]))]
-        scatter = [b if b != pad else 0 for b in gather]
-        tensors = (torch.tensor(v, dtype=torch.long, device=device) for v in (present, gather, scatter))
-        return Groups(*tensors, size, pad in gather)
+        zero = gather.index(pad) if pad in gather else 0
+        position = {b: p for p, b in enumerate(gather) if b != pad}
+        source = [position.get(b, zero) for b in range(len(slot))]
+        tensors = (torch.tensor(v, dtype=torch.long, device=device) for v in (present, gather, source))
+        return Groups(*tensors, size, pad in gather, gather == list(range(len(slot))))
 
 
 @dataclass(frozen=True)
@@ -308,12 +319,13 @@ def linear_forward(layer: nn.Module, routing: Routing, x: torch.Tensor, result: 
     if routing.single:  # each row through its own adapter only
         if routing.groups is None:
             return result
-        delta = _grouped_delta(stacks, routing.groups, x3)  # (G*C, T, out)
-        out = result.reshape(batch, -1, result.shape[-1])  # (B, T, out)
+        groups = routing.groups
+        delta = _grouped_delta(stacks, groups, x3)  # (G*C, T, out)
+        if not groups.identity:
+            delta = delta.index_select(0, groups.source)  # (B, T, out): each row's own, zeros for base rows
         if in_place and result.dtype == delta.dtype:  # added into the base output
-            out.index_add_(0, routing.groups.scatter, delta)
+            result.view(delta.shape).add_(delta)
             return result
-        delta = out.new_zeros(out.shape, dtype=delta.dtype).index_add(0, routing.groups.scatter, delta)
     else:  # weighted combinations: all adapters' A at once, each rank column weighted for its row
         h = F.linear(x3, stacks.a_cat)  # (B, T, N*R)
         h = h * routing.block_mask(stacks.a.shape[1], h)[:, None]
@@ -335,8 +347,11 @@ def _grouped_delta(stacks: Stacks, groups: Groups, x3: torch.Tensor) -> torch.Te
     """(G*C, T, out): scaling * B A x for each group row, through its group's adapter (padding rows give zeros)."""
     _, t, d = x3.shape
     rank, out = stacks.a.shape[1], stacks.b.shape[1]
-    source = F.pad(x3, (0, 0, 0, 0, 0, 1)) if groups.padded else x3  # (B + 1, T, in): row B is the zero row
-    xg = source.index_select(0, groups.gather).view(-1, groups.size * t, d)  # (G, C*T, in)
+    if groups.identity:
+        xg = x3.view(-1, groups.size * t, d)  # (G, C*T, in): the rows are already in group order
+    else:
+        rows = F.pad(x3, (0, 0, 0, 0, 0, 1)) if groups.padded else x3  # (B + 1, T, in): row B is the zero row
+        xg = rows.index_select(0, groups.gather).view(-1, groups.size * t, d)  # (G, C*T, in)
     a, b_t = stacks.a[:-1], stacks.b_cat.view(-1, rank, out)  # (N, R, in), (N, R, out) contiguous: B^T per adapter
     if groups.present.numel() != a.shape[0]:
         a, b_t = a.index_select(0, groups.present), b_t.index_select(0, groups.present)  # (G, R, in), (G, R, out)
