@@ -44,23 +44,27 @@ class SlackLayer(DynamicLayer):
 
     def assign(self, keys: torch.Tensor, values: torch.Tensor, spare: int = SPARE) -> None:
         """Hold these (B, H, W, D) keys and values (copied) with `spare` free columns after them."""
-        self._keys = _buffer(keys, keys.shape[-2] + spare)
-        self._values = _buffer(values, values.shape[-2] + spare)
-        self._keys[:, :, :keys.shape[-2]].copy_(keys)
-        self._values[:, :, :values.shape[-2]].copy_(values)
-        self.keys, self.values = self._keys[:, :, :keys.shape[-2]], self._values[:, :, :values.shape[-2]]
-        self.device, self.dtype, self.is_initialized = keys.device, keys.dtype, True
+        width = keys.shape[-2]
+        self._take(_buffer(keys, width + spare), _buffer(values, width + spare), width)
+        self.keys.copy_(keys)
+        self.values.copy_(values)
 
     def stack(self, other: SlackLayer, width: int) -> None:
-        """This layer's rows, then `other`'s, right-aligned at `width` columns (zeros on the left)."""
-        rows = self.keys.shape[0]
-        shape = (rows + other.keys.shape[0], self.keys.shape[1], width, self.keys.shape[-1])
-        keys, values = self.keys.new_zeros(shape), self.values.new_zeros(shape)  # (B + k, H, width, D)
-        for dest, part in ((keys, self.keys), (values, self.values)):
-            dest[:rows, :, width - part.shape[-2]:] = part
-        for dest, part in ((keys, other.keys), (values, other.values)):
-            dest[rows:, :, width - part.shape[-2]:] = part
-        self.assign(keys, values)
+        """This layer's rows, then `other`'s, right-aligned at `width` columns (zeros on the left), written once
+        into a fresh buffer with SPARE free columns."""
+        rows, parts = self.keys.shape[0], ((self.keys, other.keys), (self.values, other.values))
+        shape = (rows + other.keys.shape[0], self.keys.shape[1], width + SPARE, self.keys.shape[-1])
+        buffers = [self.keys.new_zeros(shape), self.values.new_zeros(shape)]  # (B + k, H, width + SPARE, D)
+        for buffer, (mine, theirs) in zip(buffers, parts):
+            buffer[:rows, :, width - mine.shape[-2]:width] = mine
+            buffer[rows:, :, width - theirs.shape[-2]:width] = theirs
+        self._take(*buffers, width)
+
+    def _take(self, keys: torch.Tensor, values: torch.Tensor, width: int) -> None:
+        """Make these (B, H, capacity, D) buffers the layer's, its first `width` columns the cache."""
+        self._keys, self._values = keys, values
+        self.keys, self.values = keys[:, :, :width], values[:, :, :width]
+        self.device, self.dtype, self.is_initialized = keys.device, keys.dtype, True
 
     def select(self, index: torch.Tensor, first: int) -> None:
         """Keep the rows `index` and the columns from `first` on."""
