@@ -112,7 +112,7 @@ def test_move_buffers_puts_every_buffer_on_the_device():
 def test_launch_command_follows_llama_factory_variables():
     env = {"NPROC_PER_NODE": "4", "NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29501"}
     cmd = launch_command(["run.yaml", "lora_rank=4"], env)
-    assert cmd[1:3] == ["-m", "lorakit.train.distributed"] and cmd[-5:] == ["-m", "lorakit", "train", "run.yaml",
+    assert cmd[1:3] == ["-m", "lorakit.torchrun"] and cmd[-5:] == ["-m", "lorakit", "train", "run.yaml",
                                                                           "lora_rank=4"]
     text = " ".join(cmd)
     assert "--nproc_per_node 4 --nnodes 2 --node_rank 1 --master_addr 10.0.0.1 --master_port 29501" in text

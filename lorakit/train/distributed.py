@@ -208,7 +208,7 @@ def launch_command(argv: list[str], environ: dict | None = None) -> list[str]:
     nproc = env.get("NPROC_PER_NODE") or str(max(torch.cuda.device_count(), 1))
     addr = env.get("MASTER_ADDR", "127.0.0.1")
     port = env.get("MASTER_PORT") or str(free_port())
-    cmd = [sys.executable, "-m", "lorakit.train.distributed", "--nproc_per_node", nproc]  # torchrun, see below
+    cmd = [sys.executable, "-m", "lorakit.torchrun", "--nproc_per_node", nproc]  # torchrun: run_torchrun
     if env.get("RDZV_ID"):  # elastic: a range of nodes meeting at a c10d rendezvous
         nnodes = f"{env.get('MIN_NNODES', '1')}:{env.get('MAX_NNODES', env.get('MIN_NNODES', '1'))}"
         cmd += ["--nnodes", nnodes, "--rdzv_id", env["RDZV_ID"], "--rdzv_backend", "c10d",
@@ -258,7 +258,3 @@ def run_torchrun(args: list[str]) -> int:
               file=sys.stderr)
         return 130 if code == 130 else 1
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(run_torchrun(sys.argv[1:]))
