@@ -25,6 +25,7 @@ from .data import get_template, load_records
 from .device import autocast_dtype, pick_device
 from .evaluate import evaluate_models, format_table, items_from_records
 from .lora import LoraModel
+from .metrics import wilson_interval
 from .models import load_model
 from .retention import ask, load_probes, retention_of
 from .train import load_config, train
@@ -107,7 +108,8 @@ def report(items, before: dict, after: dict, results: dict, cfg, seconds: float,
     columns = ("model", "n", "contains", "exact_match", "rouge_l", "retention", "kl")
     say("\n" + format_table([{k: r[k] for k in columns if k in r} for r in (before, after)]))
     say(f"retention: the adapter still answers {after['kept']} of the {after['base_right']} general probes the base "
-        f"answers right; kl: mean KL(base || adapter) per token of the base's answers")
+        f"answers right (95 % interval {percent_range(after['retention_95'])}); kl: mean KL(base || adapter) per "
+        f"token of the base's answers")
     say("\nexamples (held-out question -> answer before | after):")
     for i in range(0, len(items), max(len(items) // SHOWN, 1))[:SHOWN]:
         say(f"  Q: {items[i].prompt[-1]['content']}")
@@ -118,18 +120,27 @@ def report(items, before: dict, after: dict, results: dict, cfg, seconds: float,
     say(f"  Q: {question}")
     say(f"     before: {base_answer[:100]}")
     say(f"     after:  {adapter_answer[:100]}")
+    right = round(after["contains"] * len(items))  # contains is 0 or 1 per question
     summary = {"heldout_contains_before": before["contains"], "heldout_contains_after": after["contains"],
                "rouge_l_before": before["rouge_l"], "rouge_l_after": after["rouge_l"],
-               "retention": after["retention"], "retention_kept": after["kept"],
+               "heldout_95": wilson_interval(right, len(items)),
+               "retention": after["retention"], "retention_95": after["retention_95"], "retention_kept": after["kept"],
                "retention_base_right": after["base_right"], "kl": after["kl"],
                "train_runtime_s": results.get("train_runtime"),
                "train_tokens_per_second": results.get("train_tokens_per_second"), "total_seconds": round(seconds, 1)}
     out = Path(cfg.output_dir)
     (out / "demo_results.json").write_text(json.dumps(summary, indent=2) + "\n")
-    say(f"\nheld-out score (answer contains the fact): {before['contains']:.0%} -> {after['contains']:.0%}; "
-        f"retention {after['retention']:.0%}; demo took {seconds / 60:.1f} min")
+    say(f"\nheld-out score (answer contains the fact): {before['contains']:.0%} -> {after['contains']:.0%} "
+        f"(95 % interval {percent_range(summary['heldout_95'])}); retention {after['retention']:.0%}; demo took "
+        f"{seconds / 60:.1f} min")
     say(f"adapter (PEFT format): {out}/adapter_model.safetensors, with its config, tokenizer and loss curve")
     say(f"chat with it:          .venv/bin/lorakit chat --adapter {out}")
+
+
+def percent_range(interval: tuple[float, float]) -> str:
+    """(0.730, 0.879) -> "73-88 %"."""
+    low, high = interval
+    return f"{100 * low:.0f}-{100 * high:.0f} %"
 
 
 if __name__ == "__main__":

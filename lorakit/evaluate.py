@@ -115,12 +115,22 @@ def evaluate_models(model, tokenizer, names: list[str], items: list[EvalItem], e
     return rows
 
 
+def cell(value) -> str:
+    """A table cell: floats to 3 decimals, an interval (low, high) as "low-high"."""
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    if isinstance(value, tuple) and len(value) == 2:
+        return f"{value[0]:.3f}-{value[1]:.3f}"
+    return str(value)
+
+
 def format_table(rows: list[dict]) -> str:
     """A markdown table of the scores, one row per model."""
-    cols = ["model", "n", "contains", "exact_match", "rouge_l", "loss", "perplexity", "retention", "kl"]
+    cols = ["model", "n", "contains", "exact_match", "rouge_l", "loss", "perplexity", "retention", "retention_95",
+            "kl"]
     cols = [c for c in cols if any(c in r for r in rows)]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        cells = [f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols]
+        cells = [cell(r.get(c, "")) for c in cols]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

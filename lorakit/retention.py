@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from .adapters import use_adapter
 from .generation import Sampling, generate
 from .lora.mixed import BASE
-from .metrics import contains
+from .metrics import contains, wilson_interval
 
 PROBES = Path(__file__).resolve().parent / "data" / "retention_probes.json"
 KINDS = ("fact", "arithmetic", "language", "instruction")
@@ -144,11 +144,13 @@ def kl_to_base(model, name: str, base: ProbeAnswers, positions: int = KL_POSITIO
 
 
 def compare(base: ProbeAnswers, adapter: ProbeAnswers, kl: float | None = None) -> dict:
-    """retention (share of the base's right answers the adapter still gets right), the counts, and the KL."""
+    """retention (share of the base's right answers the adapter still gets right), its 95 % Wilson interval
+    (low, high), the counts, and the KL."""
     base_right = sum(base.right)
     kept = sum(b and a for b, a in zip(base.right, adapter.right))
     return {"retention": kept / base_right if base_right else float("nan"), "kept": kept, "base_right": base_right,
-            "probes": len(base.right), "probe_score": adapter.score, "kl": kl}
+            "retention_95": wilson_interval(kept, base_right), "probes": len(base.right), "probe_score": adapter.score,
+            "kl": kl}
 
 
 def retention_of(model, tokenizer, name: str, base: ProbeAnswers, probes: list[Probe], render, stop_ids: set[int],

@@ -75,7 +75,8 @@ def test_table_on_stdout_and_registry_dataset(setup, tmp_path, capsys):
                "max_samples=2", "--max_new_tokens", "4"])
     assert rc == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "| model | n | contains | exact_match | rouge_l | loss | perplexity | retention | kl |"
+    assert lines[0] == ("| model | n | contains | exact_match | rouge_l | loss | perplexity | retention | retention_95 "
+                        "| kl |")
     assert lines[2].startswith("| __base__ | 2 |") and lines[3].startswith("| default | 2 |")
 
 

@@ -27,6 +27,8 @@ def test_demo_runs_and_reports_before_and_after(tmp_path, capsys, monkeypatch):
     summary = json.loads((out / "demo_results.json").read_text())
     assert 0.0 <= summary["heldout_contains_after"] <= 1.0
     assert summary["kl"] >= 0 and summary["retention_kept"] <= summary["retention_base_right"] <= 8
+    low, high = summary["heldout_95"]  # the Wilson interval of the held-out share, also printed
+    assert low <= summary["heldout_contains_after"] <= high and "(95 % interval " in printed
     assert (out / "adapter_model.safetensors").is_file() and (out / "training_args.yaml").is_file()
 
 

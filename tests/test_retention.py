@@ -161,10 +161,33 @@ def test_eval_reports_retention_per_adapter_and_can_skip_it(tmp_path, capsys):
     assert "retention" not in base and 0 <= base["probe_score"] <= 1
     assert kb["probes"] == len(QUESTIONS) and kb["kl"] > 0 and len(kb["probe_answers"]) == len(QUESTIONS)
     assert kb["base_right"] == round(base["probe_score"] * len(QUESTIONS))
-    assert "| retention | kl |" in capsys.readouterr().out
+    assert "| retention | retention_95 | kl |" in capsys.readouterr().out
     assert main([*common, "retention=false", "--output", str(out)]) == 0
     assert all("kl" not in row for row in json.loads(out.read_text())["models"])
     capsys.readouterr()
     assert main([*common, f"retention_probes={tmp_path / 'none.json'}"]) == 1
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "none.json" in err and "not found" in err  # the only line: nothing was loaded
+
+
+def test_wilson_interval_brackets_the_share_and_matches_the_formula():
+    from lorakit.metrics import wilson_interval
+
+    low, high = wilson_interval(84, 103)
+    assert (low, high) == (pytest.approx(0.72977, abs=1e-4), pytest.approx(0.87861, abs=1e-4))  # by hand
+    assert low < 84 / 103 < high
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    narrow, wide = wilson_interval(800, 1000), wilson_interval(8, 10)
+    assert narrow[1] - narrow[0] < wide[1] - wide[0]  # more questions, a tighter interval
+
+
+def test_compare_reports_the_interval_of_its_retention():
+    from lorakit.retention import ProbeAnswers
+
+    def answers(right):
+        return ProbeAnswers("x", [[1]] * len(right), [[1]] * len(right), [""] * len(right), right)
+
+    row = compare(answers([True] * 20), answers([True] * 15 + [False] * 5))
+    low, high = row["retention_95"]
+    assert low < row["retention"] == 0.75 < high
