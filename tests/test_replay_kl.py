@@ -1,7 +1,8 @@
 """replay_kl_weight: replay tokens learn (1 - w) the label and w the base's distribution. The chunked head's loss and
 gradients equal the formula computed by autograd; an untrained adapter (B = 0) adds no KL; the term is the KL to the
 model with its adapter off, and descending it brings a drifted adapter back; the collated mask covers exactly the
-replay examples (padded and packed); a run says it uses the term; bad settings are one-line errors."""
+replay examples (padded and packed); a run says it uses the term; the base's states kept before training give the
+loss and gradients of its per-step forward; bad settings are one-line errors."""
 
 from __future__ import annotations
 
@@ -146,3 +147,61 @@ def test_bad_kl_settings_are_one_line_config_errors(overrides, message):
     with pytest.raises(ConfigError) as caught:
         load_config(None, ["dataset=x", *overrides])
     assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_kept_teacher_states_give_the_loss_and_gradients_of_the_per_step_forward():
+    from lorakit.train.loss import TEACHER_KEY
+    from lorakit.train.teacher import compute_states
+
+    lora = lora_model()
+    with torch.no_grad():
+        for p in lora.model.parameters():
+            if p.requires_grad:  # the adapter away from the base, so the teacher is not the student
+                p.normal_(0, 0.05)
+    model, batch = lora.model, batch_with_replay()
+    items = [{"input_ids": batch["input_ids"][r].tolist(), **({"replay": True} if r == 1 else {})} for r in range(3)]
+    no_autocast = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731  (the run's autocast: none, fp32)
+    states = compute_states(model, items, lora.disable_adapter, no_autocast, torch.device("cpu"), pad_id=0)
+    assert list(states.states) == [1] and states.states[1].shape == (12, model.config.hidden_size)
+    cached = states.batch([0, 1, 2], 12)
+    assert cached.shape == (3, 12, model.config.hidden_size) and not cached[0].any() and not cached[2].any()
+    assert states.batch([0, 2], 12) is None  # no replay row in that micro-batch: the key is left out
+    distill = Distill(0.6, lora.disable_adapter)
+    params = [p for p in model.parameters() if p.requires_grad]
+    results = []
+    for extra in ({}, {TEACHER_KEY: cached}):
+        loss, count = causal_lm_loss(model, {**batch, **extra}, distill=distill)
+        results.append((loss.detach(), count, torch.autograd.grad(loss, params)))
+    (loss_a, count_a, grads_a), (loss_b, count_b, grads_b) = results
+    assert count_a == count_b
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_a_run_keeps_the_teachers_states_unless_packed_and_learns_the_same(tmp_path, capsys, monkeypatch, packing):
+    import lorakit.train.trainer as trainer_module
+
+    model_dir = save_tiny_model(tmp_path / "model")
+    facts = write_facts(tmp_path / "facts.jsonl")
+    general = tmp_path / "general.jsonl"
+    general.write_text("".join(json.dumps({"instruction": q, "output": a}) + "\n" for q, a in GENERAL))
+
+    def run(name: str) -> float:
+        cfg, _ = load_config(None, [f"model_name_or_path={model_dir}", f"dataset={facts}", f"replay_dataset={general}",
+                                    "replay_ratio=0.5", "replay_kl_weight=1", f"output_dir={tmp_path / name}",
+                                    "max_steps=4", "plot_loss=false", "save_strategy=no", "bf16=false",
+                                    f"packing={str(packing).lower()}"])
+        return train(cfg)["train_loss"]
+
+    kept = run("kept")
+    said = capsys.readouterr().err
+    monkeypatch.setattr(trainer_module, "TEACHER_MAX_BYTES", 0)  # nothing fits: the base runs at every step
+    every_step = run("every-step")
+    said_after = capsys.readouterr().err
+    if packing:
+        assert "KL to the base: its forward runs on the replay rows of every step (packed rows)" in said
+    else:
+        assert "replay rows computed once" in said and "MB would exceed 0 MB" in said_after
+    assert kept == pytest.approx(every_step, rel=1e-5)

@@ -51,6 +51,7 @@ _LOGIT_MODIFIERS = ("final_logit_softcapping", "logit_scale", "logits_scaling", 
 
 
 REPLAY_KEY = "replay"  # (B, T) bool batch key: the token belongs to a replay row (collated only with Distill on)
+TEACHER_KEY = "teacher"  # (B, T, H) batch key: the base's hidden states on replay rows, computed once (teacher.py)
 
 
 @dataclass(frozen=True)
@@ -110,8 +111,8 @@ def causal_lm_loss(model: nn.Module, batch: dict, chunked: bool = True, chunk_si
     cross-entropy. `chunk_size` rows of logits exist at a time (default: about 64 MB of them, see
     `default_chunk`). With `distill`, replay tokens learn the base's distribution too (module docstring).
     """
-    replay = batch.get(REPLAY_KEY)
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", REPLAY_KEY)}
+    replay, cached = batch.get(REPLAY_KEY), batch.get(TEACHER_KEY)
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", REPLAY_KEY, TEACHER_KEY)}
     targets = shifted_targets(batch["labels"], batch.get("position_ids"))
     mask = targets != IGNORE_INDEX  # (B, T-1)
     count = int(mask.sum())
@@ -121,7 +122,7 @@ def causal_lm_loss(model: nn.Module, batch: dict, chunked: bool = True, chunk_si
     if distill is not None and replay is not None and bool(replay.any()):
         if not chunked:
             raise ValueError(f"replay_kl_weight needs the chunked loss ({plain_route_reason(model)})")
-        return distilled_loss(model, inputs, targets, mask, replay[:, 1:] & mask, distill, chunk_size), count
+        return distilled_loss(model, inputs, targets, mask, replay[:, 1:] & mask, distill, chunk_size, cached), count
     if chunked:
         hidden = model.base_model(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
         rows = hidden[:, :-1][mask]  # (N, H)
@@ -137,27 +138,39 @@ def head_chunk(model: nn.Module, head: nn.Module) -> int:
 
 
 def distilled_loss(model: nn.Module, inputs: dict, targets: torch.Tensor, mask: torch.Tensor, taught: torch.Tensor,
-                   distill: Distill, chunk_size: int | None) -> torch.Tensor:
-    """Label CE on task tokens plus (1 - w) CE + w KL(P_base || P) on replay tokens (`taught`, (B, T-1) bool)."""
+                   distill: Distill, chunk_size: int | None, cached: torch.Tensor | None = None) -> torch.Tensor:
+    """Label CE on task tokens plus (1 - w) CE + w KL(P_base || P) on replay tokens (`taught`, (B, T-1) bool).
+
+    `cached` (B, T, H): the base's last hidden states on these rows, computed before training (teacher.py); without
+    it the base runs here, on the rows that hold replay tokens."""
     hidden = model.base_model(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
     head = model.get_output_embeddings()
     if type(head) is not nn.Linear:
         raise ValueError(distill_problem(model))
     size = chunk_size or head_chunk(model, head)
-    taught_rows = taught.any(dim=1)  # (B,) rows that hold replay tokens: only those run the teacher
-    was_training = model.training
-    model.eval()  # the base's distribution, without dropout
-    try:
-        with torch.no_grad(), distill.base():
-            teacher_inputs = {k: v[taught_rows] for k, v in inputs.items()}
-            teacher = model.base_model(**teacher_inputs, use_cache=False).last_hidden_state  # (b, T, H)
-            teacher_rows = teacher[:, :-1][taught[taught_rows]]  # (M, H)
-    finally:
-        model.train(was_training)
+    if cached is not None:
+        teacher_rows = cached[:, :-1][taught]  # (M, H)
+    else:
+        teacher_rows = base_states(model, inputs, taught, distill)
     plain = mask & ~taught  # (B, T-1)
     loss = head_cross_entropy(hidden[:, :-1][plain], targets[plain], head, size)
     return loss + _LinearCrossEntropy.apply(hidden[:, :-1][taught], head.weight, head.bias, targets[taught], size,
                                             teacher_rows, distill.weight)
+
+
+def base_states(model: nn.Module, inputs: dict, taught: torch.Tensor, distill: Distill) -> torch.Tensor:
+    """The base's last hidden states (M, H) at the `taught` positions, (B, T-1) bool: a no-grad forward, adapters off
+    and no dropout, of the rows that hold any."""
+    taught_rows = taught.any(dim=1)  # (B,)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), distill.base():
+            teacher_inputs = {k: v[taught_rows] for k, v in inputs.items()}
+            teacher = model.base_model(**teacher_inputs, use_cache=False).last_hidden_state  # (b, T, H)
+            return teacher[:, :-1][taught[taught_rows]]  # (M, H)
+    finally:
+        model.train(was_training)
 
 
 def head_cross_entropy(rows: torch.Tensor, targets: torch.Tensor, head: nn.Module, chunk_size: int) -> torch.Tensor:

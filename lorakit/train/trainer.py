@@ -47,7 +47,15 @@ from .config import TrainConfig
 from .cpu_levers import CPU_PIECE_TOKENS, CPU_SPLIT_ABOVE, apply_model_levers, row_pieces, token_rounding
 from .distributed import World, joined
 from .loraga_init import estimate_lora_ga
-from .loss import IGNORE_INDEX, Distill, causal_lm_loss, check_chunked_route, distill_problem, shifted_targets
+from .loss import (
+    IGNORE_INDEX,
+    TEACHER_KEY,
+    Distill,
+    causal_lm_loss,
+    check_chunked_route,
+    distill_problem,
+    shifted_targets,
+)
 from .methods import Trainable, lora_config_for, make_optimizer, make_trainable, quantization_of
 from .prepare import Data, clear_previous_run, preflight, prepare_data, steps_per_epoch, task_data
 from .rank_allocation import RankAllocation
@@ -57,6 +65,8 @@ from .self_replay import build_replay
 from .sharding import Sharded, load_device, plan_for, shard
 from .startup import startup_lines
 from .state import Schedule, TrainerState, capture_rng
+from .teacher import MAX_BYTES as TEACHER_MAX_BYTES
+from .teacher import TeacherStates, compute_states, planned_bytes
 
 RESULTS_FILE = "train_results.json"  # written beside the adapter, with TRAINING_ARGS (training_args.yaml)
 
@@ -125,6 +135,8 @@ class Trainer:
         self.chunked = True
         self.distill = Distill(cfg.replay_kl_weight, trainable.lora.disable_adapter) \
             if cfg.replay_kl_weight and trainable.lora is not None else None  # replay rows learn the base too
+        self.teacher: TeacherStates | None = None  # the base's states on replay rows, once (`keep_teacher_states`)
+        self.teacher_note = ""  # the start-up line about them
         self.window = {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}  # since the last metrics line
         self.run_tokens, self.run_seconds, self.run_losses = 0, 0.0, []  # this process's steps
 
@@ -148,6 +160,9 @@ class Trainer:
         chunk = [self.data.items[i] for i in indices]
         collate = collate_packed if self.data.packed else pad_collate
         batch = collate(chunk, self.pad_id, round_width=self.round_width)
+        cached = self.teacher.batch(indices, batch["input_ids"].shape[1]) if self.teacher is not None else None
+        if cached is not None:
+            batch[TEACHER_KEY] = cached  # (B, T, H)
         n_labels = int((shifted_targets(batch["labels"], batch.get("position_ids")) != IGNORE_INDEX).sum())
         on_device = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         return on_device, sum(len(c["input_ids"]) for c in chunk), n_labels
@@ -230,6 +245,24 @@ class Trainer:
         self.inside_step = False
         return {"loss": total_loss / n_labels, "lr": self.cfg.learning_rate * lr_scale, "grad_norm": grad_norm,
                 "tokens": int(tokens), "ended_epoch": ended_epoch}
+
+    def keep_teacher_states(self) -> None:
+        """For the KL term: the base's hidden states on the replay rows, computed now instead of at every step
+        (teacher.py), when the rows are not packed and the states fit MAX_BYTES; `teacher_note` says which."""
+        if self.distill is None:
+            return
+        planned = planned_bytes(self.data.items, self.model.config.hidden_size, self.amp_dtype or torch.float32)
+        if self.data.packed or planned > TEACHER_MAX_BYTES:
+            why = "packed rows" if self.data.packed else f"{planned / 2**20:.0f} MB would exceed " \
+                f"{TEACHER_MAX_BYTES >> 20} MB"
+            self.teacher_note = f"KL to the base: its forward runs on the replay rows of every step ({why})"
+            return
+        start = time.perf_counter()
+        self.teacher = compute_states(self.model, self.data.items, self.distill.base, self.autocast, self.device,
+                                      self.pad_id)
+        self.teacher_note = (f"KL to the base: its hidden states on the {len(self.teacher.states)} replay rows "
+                             f"computed once ({self.teacher.nbytes / 2**20:.1f} MB, "
+                             f"{time.perf_counter() - start:.1f} s), not at every step")
 
     def forward_loss(self, batch: dict) -> tuple[torch.Tensor, int]:
         """(loss summed over label tokens, their count): through DDP / FSDP2 with several ranks."""
@@ -463,6 +496,7 @@ def train_ranks(cfg: TrainConfig, world: World, device: torch.device | None, on_
         if problem:
             raise ValueError(problem)
     apply_model_levers(model, amp_dtype, packed=data.packed, lora=trainable.lora is not None)  # after the fp32 check
+    trainer.keep_teacher_states()  # after the levers: the base as every step will run it
     if world.distributed:  # after the levers: FSDP2 shards the frozen base in the dtype they leave it in
         trainer.distribute(sharding)
     if plan.resume:
