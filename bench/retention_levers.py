@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import common
+import null_space
 
 NAME = "retention"
 
@@ -109,6 +110,22 @@ LEVERS = [  # in the order they run
      demo_with(replay_ratio="0.5", num_train_epochs="4", learning_rate="1.5e-3")),
     ("demo-alpaca-prompts", "the demo recipe, self-replay of the base's answers to alpaca_en_demo's instructions",
      demo_with(replay_dataset="{alpaca}")),
+    ("demo-b8-4ep-lr1.5e-3", "the demo recipe in 4 epochs of batch 8 at lr 1.5e-3 (a ~4-minute demo)",
+     demo_with(per_device_train_batch_size="8", num_train_epochs="4", learning_rate="1.5e-3")),
+    ("demo-b8-4ep-lr2e-3", "the demo recipe in 4 epochs of batch 8 at lr 2e-3 (a ~4-minute demo)",
+     demo_with(per_device_train_batch_size="8", num_train_epochs="4", learning_rate="2e-3")),
+    ("demo-null-0.9", "the demo recipe, LoRA's A kept orthogonal to the inputs holding 90 % of the replay rows' "
+     "energy (bench/null_space.py)", demo_with() + [f"{null_space.KEY}=0.9"]),
+    ("demo-null-0.99", "the demo recipe, LoRA's A kept orthogonal to the inputs holding 99 % of the replay rows' "
+     "energy (bench/null_space.py)", demo_with() + [f"{null_space.KEY}=0.99"]),
+    ("demo-null-0.99-lr1.5e-3", "the demo recipe at lr 1.5e-3, LoRA's A kept orthogonal to the inputs holding 99 % "
+     "of the replay rows' energy", demo_with(learning_rate="1.5e-3") + [f"{null_space.KEY}=0.99"]),
+    ("demo-null-0.99-lr2e-3", "the demo recipe at lr 2e-3, LoRA's A kept orthogonal to the inputs holding 99 % "
+     "of the replay rows' energy", demo_with(learning_rate="2e-3") + [f"{null_space.KEY}=0.99"]),
+    ("demo-kl0.75", "the demo recipe with replay_kl_weight 0.75 (a quarter of the replay loss on the greedy labels)",
+     demo_with(replay_kl_weight="0.75")),
+    ("demo-alpaca-data-kl1", "the demo recipe replaying alpaca_en_demo's own records (not the base's answers), KL 1",
+     demo_with(self_replay="false", replay_dataset="{alpaca}")),
     ("alpaca-0.3-3ep", "replay_dataset alpaca_en_demo 30 %, 3 epochs",
      ["learning_rate=3e-3", "num_train_epochs=3", "self_replay=false", "replay_kl_weight=0",
       "replay_dataset={alpaca}", "replay_ratio=0.3"]),
@@ -176,14 +193,17 @@ def run_lever(name: str, overrides: list[str], args, model, tokenizer, items, ba
     from lorakit.train import load_config, train
 
     out = Path(args.work) / name
-    cfg, _ = load_config(demo.CONFIG, overrides + [f"output_dir={out}", "plot_loss=false"])
+    projection = [float(o.split("=", 1)[1]) for o in overrides if o.startswith(f"{null_space.KEY}=")]
+    keys = [o for o in overrides if not o.startswith(f"{null_space.KEY}=")]  # lorakit train's own keys
+    on_step = null_space.NullSpace(projection[0]) if projection else None
+    cfg, _ = load_config(demo.CONFIG, keys + [f"output_dir={out}", "plot_loss=false"])
     cfg.dataset_dir = str(demo.ROOT / cfg.dataset_dir)
     start = time.perf_counter()
     done = out / "train_results.json"
     if args.reuse and done.is_file():  # trained by an earlier run of this script: score it only
         results = json.loads(done.read_text())
     else:
-        results = train(cfg)
+        results = train(cfg, on_step=on_step)
     trained = time.perf_counter() - start
     adapter = name.replace(".", "_").replace("-", "_")  # a module name: no dots
     lora = LoraModel.from_pretrained(model, out, adapter_name=adapter)
