@@ -416,7 +416,7 @@ def test_shape_buckets_and_trainer_batches_on_a_cpu_in_bf16():
     items = [{"input_ids": [5] * n, "labels": [5] * n, "position_ids": list(range(n))} for n in (70, 20)]
     for packed in (False, True):
         fake = SimpleNamespace(data=SimpleNamespace(items=items, packed=packed), pad_id=0, round_width=bucket_size,
-                               device=torch.device("cpu"))
+                               device=torch.device("cpu"), teacher=None)
         batch, tokens, _ = Trainer.collate(fake, [0, 1])
         assert batch["input_ids"].shape[1] == 72 and tokens == 90
 

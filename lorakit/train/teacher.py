@@ -6,7 +6,7 @@ back every epoch unchanged, and the base is frozen, so h_base of a row is the sa
 costs one no-grad forward of every replay row per epoch. `TeacherStates` runs that forward once, before the first
 step, and keeps each replay example's states
 
-    states[i] = h_base(example i)          (T_i, H), in the dtype the forward produced (the autocast dtype)
+    states[i] = h_base(example i)          (T_i, H), in the autocast dtype (the head's matmul casts to it anyway)
 
 on the CPU; a micro-batch takes them as a batch key (`loss.TEACHER_KEY`, (B, T, H), zeros on rows and positions
 that are not replay), and the loss reads the replay positions from it. Only the head (W) is applied to them at every
@@ -54,6 +54,12 @@ class TeacherStates:
         return out
 
 
+def hidden_size_of(model: nn.Module) -> int:
+    """The width H of the model's last hidden state (a multimodal config keeps it in text_config)."""
+    config = model.config
+    return getattr(config, "hidden_size", None) or getattr(getattr(config, "text_config", None), "hidden_size", 0)
+
+
 def planned_bytes(items: list[dict], hidden_size: int, dtype: torch.dtype) -> int:
     """What the states of the replay items would take."""
     size = torch.empty((), dtype=dtype).element_size()
@@ -61,14 +67,17 @@ def planned_bytes(items: list[dict], hidden_size: int, dtype: torch.dtype) -> in
 
 
 def compute_states(model: nn.Module, items: list[dict], base: Callable[[], AbstractContextManager],
-                   autocast: Callable[[], AbstractContextManager], device: torch.device,
-                   pad_id: int) -> TeacherStates:
+                   autocast: Callable[[], AbstractContextManager], device: torch.device, pad_id: int,
+                   store_dtype: torch.dtype | None = None) -> TeacherStates:
     """The base's last hidden states on every replay example of `items` (`base()`: a context in which the model
-    runs without its adapters; `autocast()`: the run's autocast), in batches of similar length, no dropout."""
+    runs without its adapters; `autocast()`: the run's autocast), in batches of similar length, no dropout.
+
+    `store_dtype`: the run's autocast dtype, which the head's matmul casts the states to anyway (the same numbers in
+    half the memory); None keeps the dtype the forward produced."""
     replay = sorted((i for i, it in enumerate(items) if it.get("replay") is True),
                     key=lambda i: len(items[i]["input_ids"]))
     states: dict[int, torch.Tensor] = {}
-    hidden_size, dtype = model.config.hidden_size, torch.float32
+    hidden_size, dtype = hidden_size_of(model), torch.float32
     was_training = model.training
     model.eval()
     try:
@@ -83,9 +92,9 @@ def compute_states(model: nn.Module, items: list[dict], base: Callable[[], Abstr
                     ids[row, :n], mask[row, :n] = torch.tensor(items[i]["input_ids"]), 1
                 hidden = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device),
                                           use_cache=False).last_hidden_state  # (b, width, H)
-                hidden_size, dtype = hidden.shape[-1], hidden.dtype
+                hidden_size, dtype = hidden.shape[-1], store_dtype or hidden.dtype
                 for row, i in enumerate(chunk):
-                    states[i] = hidden[row, :len(items[i]["input_ids"])].cpu()  # (T_i, H)
+                    states[i] = hidden[row, :len(items[i]["input_ids"])].to(dtype).cpu()  # (T_i, H)
     finally:
         model.train(was_training)
     return TeacherStates(states, hidden_size, dtype)

@@ -66,7 +66,7 @@ from .sharding import Sharded, load_device, plan_for, shard
 from .startup import startup_lines
 from .state import Schedule, TrainerState, capture_rng
 from .teacher import MAX_BYTES as TEACHER_MAX_BYTES
-from .teacher import TeacherStates, compute_states, planned_bytes
+from .teacher import TeacherStates, compute_states, hidden_size_of, planned_bytes
 
 RESULTS_FILE = "train_results.json"  # written beside the adapter, with TRAINING_ARGS (training_args.yaml)
 
@@ -251,7 +251,7 @@ class Trainer:
         (teacher.py), when the rows are not packed and the states fit MAX_BYTES; `teacher_note` says which."""
         if self.distill is None:
             return
-        planned = planned_bytes(self.data.items, self.model.config.hidden_size, self.amp_dtype or torch.float32)
+        planned = planned_bytes(self.data.items, hidden_size_of(self.model), self.amp_dtype or torch.float32)
         if self.data.packed or planned > TEACHER_MAX_BYTES:
             why = "packed rows" if self.data.packed else f"{planned / 2**20:.0f} MB would exceed " \
                 f"{TEACHER_MAX_BYTES >> 20} MB"
@@ -259,7 +259,7 @@ class Trainer:
             return
         start = time.perf_counter()
         self.teacher = compute_states(self.model, self.data.items, self.distill.base, self.autocast, self.device,
-                                      self.pad_id)
+                                      self.pad_id, store_dtype=self.amp_dtype)
         self.teacher_note = (f"KL to the base: its hidden states on the {len(self.teacher.states)} replay rows "
                              f"computed once ({self.teacher.nbytes / 2**20:.1f} MB, "
                              f"{time.perf_counter() - start:.1f} s), not at every step")
