@@ -17,6 +17,8 @@ become a `lorakit train` key (README: Keeping what the base knew).
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 KEY = "null_space"  # the pseudo-override of a lever: null_space=ENERGY (not a lorakit train key)
@@ -56,8 +58,12 @@ class NullSpace:
                     x = x[mask.to(x.device).bool()].float().cpu()  # (N, in)
                     sums[key] += x.T @ x
         model.train(was_training)
-        return [(m.lora_A["default"].weight, top_directions(sums[key], self.energy).to(m.lora_A["default"].weight))
-                for key, m in layers]
+        bases = [(m.lora_A["default"].weight, top_directions(sums[key], self.energy).to(m.lora_A["default"].weight))
+                 for key, m in layers]
+        removed = sum(u.shape[1] for _, u in bases) / sum(u.shape[0] for _, u in bases)
+        print(f"{KEY}: {len(bases)} LoRA layers, {removed:.0%} of their input directions removed "
+              f"(the top ones holding {self.energy:g} of the replay rows' input energy)", file=sys.stderr, flush=True)
+        return bases
 
     @torch.no_grad()
     def project(self) -> None:
