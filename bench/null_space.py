@@ -7,7 +7,7 @@ For every LoRA linear, the inputs x (in,) it sees on the run's replay rows (the 
 
 and after every optimizer step A <- A (I - U U^T) (projected AdamW), so the update s B A x is ~0 for any input in
 span(U): on inputs like the replay rows the adapted layer computes what the base did, whatever B learns. A share of
-0.99 removes about 72 % of the input directions of SmolLM2-135M's layers. The projected A is an ordinary A: the
+0.99 removes about 71 % of the input directions of SmolLM2-135M's layers. The projected A is an ordinary A: the
 saved adapter is a plain PEFT LoRA. The bases are measured once, after the first step (B is then one step from 0).
 
 This is the null-space idea of knowledge-editing work (edits constrained to leave the keys of preserved knowledge
@@ -40,10 +40,11 @@ class NullSpace:
         self.project()
 
     def measure(self, trainer) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        from lorakit.data.batching import pad_collate
         from lorakit.lora.inject import lora_layers
 
         model, lora = trainer.trainable.model, trainer.trainable.lora
-        rows = [item["input_ids"] for item in trainer.data.items if item.get("replay")]
+        rows = [item for item in trainer.data.items if item.get("replay")]
         if not rows:
             raise ValueError(f"{KEY} needs replay rows marked for the KL term (replay_kl_weight > 0)")
         layers = lora_layers(model)
@@ -52,8 +53,9 @@ class NullSpace:
         model.eval()
         with torch.no_grad(), lora.disable_adapter(), trainer.autocast():
             for start in range(0, len(rows), BATCH):
-                ids, mask = padded(rows[start:start + BATCH])
-                inputs = capture_inputs(model, layers, ids.to(trainer.device), mask.to(trainer.device))
+                batch = pad_collate(rows[start:start + BATCH], trainer.pad_id)  # right-padded (B, T)
+                mask = batch["attention_mask"]
+                inputs = capture_inputs(model, layers, batch["input_ids"].to(trainer.device), mask.to(trainer.device))
                 for key, x in inputs.items():
                     x = x[mask.to(x.device).bool()].float().cpu()  # (N, in)
                     sums[key] += x.T @ x
@@ -69,16 +71,6 @@ class NullSpace:
     def project(self) -> None:
         for a, u in self.bases:  # a (r, in), u (in, k)
             a.sub_((a @ u) @ u.T)
-
-
-def padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, mask), both (B, T), right-padded with 0."""
-    width = max(len(r) for r in rows)
-    ids = torch.zeros((len(rows), width), dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
-    return ids, mask
 
 
 def capture_inputs(model, layers, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:

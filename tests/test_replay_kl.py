@@ -159,7 +159,8 @@ def test_kept_teacher_states_give_the_loss_and_gradients_of_the_per_step_forward
             if p.requires_grad:  # the adapter away from the base, so the teacher is not the student
                 p.normal_(0, 0.05)
     model, batch = lora.model, batch_with_replay()
-    items = [{"input_ids": batch["input_ids"][r].tolist(), **({"replay": True} if r == 1 else {})} for r in range(3)]
+    items = [{"input_ids": batch["input_ids"][r].tolist(), "labels": batch["labels"][r].tolist(),
+              **({"replay": True} if r == 1 else {})} for r in range(3)]  # training items, as prepare_data makes
     no_autocast = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731  (the run's autocast: none, fp32)
     states = compute_states(model, items, lora.disable_adapter, no_autocast, torch.device("cpu"), pad_id=0)
     assert list(states.states) == [1] and states.states[1].shape == (12, model.config.hidden_size)

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..data.batching import pad_collate
+
 MAX_BYTES = 512 << 20  # states kept only below this (on the CPU)
 BATCH_ROWS = 16  # replay examples per no-grad forward while computing them
 
@@ -84,13 +86,9 @@ def compute_states(model: nn.Module, items: list[dict], base: Callable[[], Abstr
         with torch.no_grad(), base(), autocast():
             for start in range(0, len(replay), BATCH_ROWS):
                 chunk = replay[start:start + BATCH_ROWS]
-                width = max(len(items[i]["input_ids"]) for i in chunk)
-                ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                for row, i in enumerate(chunk):
-                    n = len(items[i]["input_ids"])
-                    ids[row, :n], mask[row, :n] = torch.tensor(items[i]["input_ids"]), 1
-                hidden = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                batch = pad_collate([items[i] for i in chunk], pad_id)  # right-padded (b, width)
+                hidden = model.base_model(input_ids=batch["input_ids"].to(device),
+                                          attention_mask=batch["attention_mask"].to(device),
                                           use_cache=False).last_hidden_state  # (b, width, H)
                 hidden_size, dtype = hidden.shape[-1], store_dtype or hidden.dtype
                 for row, i in enumerate(chunk):
