@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import common
+import kb_variants
 import null_space
 
 NAME = "retention"
@@ -126,6 +127,19 @@ LEVERS = [  # in the order they run
      demo_with(replay_kl_weight="0.75")),
     ("demo-alpaca-data-kl1", "the demo recipe replaying alpaca_en_demo's own records (not the base's answers), KL 1",
      demo_with(self_replay="false", replay_dataset="{alpaca}")),
+    ("demo-dropout0.1", "the demo recipe with lora_dropout 0.1", demo_with(lora_dropout="0.1")),
+    ("demo-fresh-replay", "the demo recipe as one epoch of the KB data 5 times: 771 distinct replay rows, not 154 "
+     "5 times", demo_with(num_train_epochs="1", dataset_dir="{kb:rep5}")),
+    ("demo-div10-3ep", "the demo recipe on 10 questions and 4 replies per fact (599 pairs), 3 epochs",
+     demo_with(num_train_epochs="3", dataset_dir="{kb:div10}")),
+    ("demo-div12-3ep", "the demo recipe on 12 questions and 4 replies per fact (681 pairs), 3 epochs",
+     demo_with(num_train_epochs="3", dataset_dir="{kb:div12}")),
+    ("demo-div12-null-0.99", "12 questions and 4 replies per fact, 3 epochs, LoRA's A kept orthogonal to the "
+     "inputs holding 99 % of the replay rows' energy", demo_with(num_train_epochs="3", dataset_dir="{kb:div12}")
+     + [f"{null_space.KEY}=0.99"]),
+    ("demo-div12-null-0.99-lr2e-3", "12 questions and 4 replies per fact, 3 epochs at lr 2e-3, LoRA's A kept "
+     "orthogonal to the inputs holding 99 % of the replay rows' energy",
+     demo_with(num_train_epochs="3", learning_rate="2e-3", dataset_dir="{kb:div12}") + [f"{null_space.KEY}=0.99"]),
     ("alpaca-0.3-3ep", "replay_dataset alpaca_en_demo 30 %, 3 epochs",
      ["learning_rate=3e-3", "num_train_epochs=3", "self_replay=false", "replay_kl_weight=0",
       "replay_dataset={alpaca}", "replay_ratio=0.3"]),
@@ -186,6 +200,14 @@ def score_adapter(lora, tokenizer, name, items, cfg, base_answers, probes, bound
     return {"kb_contains": kb["contains"], **kept, "_right": answers.right}
 
 
+def kb_variant(override: str, root: Path) -> str:
+    """`dataset_dir={kb:NAME}` -> the directory bench/kb_variants.py builds for variant NAME; others unchanged."""
+    key, _, value = override.partition("=")
+    if not (value.startswith("{kb:") and value.endswith("}")):
+        return override
+    return f"{key}={kb_variants.build(value[4:-1], root)}"
+
+
 def run_lever(name: str, overrides: list[str], args, model, tokenizer, items, base_answers, probes, bound,
               stop) -> dict:
     from lorakit import demo
@@ -242,10 +264,13 @@ def main(argv: list[str] | None = None) -> int:
     for name, lever, overrides in levers:
         if any("{alpaca}" in o for o in overrides):  # LLaMA-Factory's alpaca_en_demo, fetched once (bench/common)
             overrides = [o.replace("{alpaca}", str(common.alpaca_en_demo())) for o in overrides]
+        overrides = [kb_variant(o, Path(args.work) / "data") for o in overrides]
         print(f"--- {name}: {lever}", file=sys.stderr, flush=True)
         row = run_lever(name, overrides, args, model, tokenizer, items, base_answers, probes, bound, stop)
         if args.reuse and name in runs:  # rescored only: the training time is the earlier run's
             row["train_seconds_with_setup"] = runs[name].get("train_seconds_with_setup")
+        if args.only and path.is_file():  # rows another run of this script wrote meanwhile are kept
+            runs = {r["name"]: r for r in json.loads(path.read_text()).get("runs", [])}
         runs[name] = {**row, "lever": lever}
         payload["runs"] = [runs[n] for n, _, _ in LEVERS if n in runs]
         path.parent.mkdir(parents=True, exist_ok=True)

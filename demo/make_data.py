@@ -8,7 +8,8 @@ output, answer) and demo/data/dataset_info.json (LLaMA-Factory's registry format
 - a held-out question equals a training question or is a near duplicate of one (after lower-casing and removing
   punctuation: difflib ratio >= 0.8 or word-set Jaccard >= 0.6), so held-out scores measure paraphrase recall.
 
-Usage: python demo/make_data.py [--tokenizer MODEL_DIR]   (with a tokenizer, replies must be < 40 tokens)
+Usage: python demo/make_data.py [--tokenizer MODEL_DIR] [--facts FILE] [--out DIR]
+(with a tokenizer, replies must be < 40 tokens; --facts and --out build a variant of the data elsewhere)
 """
 
 from __future__ import annotations
@@ -106,19 +107,23 @@ def check_lengths(facts: list[dict], tokenizer_dir: str) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokenizer", help="a model directory whose tokenizer measures reply lengths")
+    parser.add_argument("--facts", default=str(DATA / "kb_facts.yaml"), help="the fact file (default: the demo's)")
+    parser.add_argument("--out", default=str(DATA), help="where the three files go (default: demo/data)")
     args = parser.parse_args()
-    source = yaml.safe_load((DATA / "kb_facts.yaml").read_text())
+    out = Path(args.out)
+    source = yaml.safe_load(Path(args.facts).read_text())
     facts = source["facts"]
     problems = check_facts(facts)
     overlap, top_ratio, top_jaccard = check_overlap(facts)
     problems += overlap + (check_lengths(facts, args.tokenizer) if args.tokenizer else [])
     if problems:
-        raise SystemExit("kb_facts.yaml has problems:\n" + "\n".join(problems))
+        raise SystemExit(f"{args.facts} has problems:\n" + "\n".join(problems))
     train, heldout = build(source)
     registry = {"kb_train": {"file_name": "kb_train.json"}, "kb_heldout": {"file_name": "kb_heldout.json"}}
+    out.mkdir(parents=True, exist_ok=True)
     for name, value in [("kb_train.json", train), ("kb_heldout.json", heldout), ("dataset_info.json", registry)]:
-        (DATA / name).write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
-    print(f"{len(facts)} facts -> {len(train)} training pairs, {len(heldout)} held-out questions in {DATA}")
+        (out / name).write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+    print(f"{len(facts)} facts -> {len(train)} training pairs, {len(heldout)} held-out questions in {out}")
     print(f"closest held-out/training pair: difflib ratio {top_ratio:.2f}, word Jaccard {top_jaccard:.2f}")
 
 
