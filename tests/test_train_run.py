@@ -243,6 +243,21 @@ def test_dora_loraplus_and_additional_target(tiny, capsys):
     assert "head on label tokens only" in capsys.readouterr().err
 
 
+def test_cpu_training_steps_with_fused_adamw_and_matches_the_loop(tiny, monkeypatch):
+    seen = {}
+    fused = _run(tiny, tiny["root"] / "fused", "max_steps=4",
+                 on_step=lambda trainer: seen.setdefault("fused", trainer.optimizer.defaults["fused"]))
+    assert seen["fused"] is True and fused["global_step"] == 4
+
+    adamw = torch.optim.AdamW  # the loop over parameters, torch's CPU default and lorakit's optimizer before
+    monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **k: adamw(*a, **{**k, "fused": None, "foreach": False}))
+    _run(tiny, tiny["root"] / "loop", "max_steps=4")
+    a, b = _adapter(tiny["root"] / "fused"), _adapter(tiny["root"] / "loop")
+    assert a.keys() == b.keys()
+    for key in a:  # the same update up to float rounding (Adam divides by sqrt(v): a few ulps of lr 1e-2)
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
 def test_bf16_request_trains_in_bf16_or_falls_back_with_a_warning(tiny, capsys):
     from lorakit.device import bf16_supported
 

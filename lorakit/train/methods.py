@@ -176,12 +176,17 @@ def param_groups(trainable: Trainable, cfg: TrainConfig) -> list[dict]:
 
 
 def make_optimizer(trainable: Trainable, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over `param_groups`; the fused kernel on CUDA (one launch for all parameters); 8-bit AdamW for
-    optim adamw_8bit / paged_adamw_8bit (lorakit.quant.optim)."""
+    """AdamW over `param_groups`; the fused kernel (one call for all parameters) on CUDA, and on a CPU for plain
+    tensors (FSDP2's sharded DTensors keep the loop); 8-bit AdamW for optim adamw_8bit / paged_adamw_8bit
+    (lorakit.quant.optim)."""
     groups = param_groups(trainable, cfg)
     if cfg.optim in EIGHT_BIT:
         return eight_bit_optimizer(cfg.optim, groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                    eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
-    fused = all(p.is_cuda and p.is_floating_point() for g in groups for p in g["params"])
+    from torch.distributed.tensor import DTensor
+
+    params = [p for g in groups for p in g["params"]]
+    fused = all(p.is_floating_point() for p in params) and (
+        all(p.is_cuda for p in params) or all(p.device.type == "cpu" and not isinstance(p, DTensor) for p in params))
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                              eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay, fused=fused or None)
