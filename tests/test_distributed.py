@@ -90,6 +90,9 @@ def test_fsdp_keys_and_refusals(tmp_path):
     with pytest.raises(ValueError, match="^replay_kl_weight with FSDP2 is refused: .*same forwards"):
         plan_for(_config(tmp_path, "fsdp=full_shard", f"replay_dataset={tmp_path / 'd.jsonl'}", "replay_ratio=0.3",
                          "replay_kl_weight=0.5"))
+    with pytest.raises(ValueError, match="^replay_null_space with FSDP2 is refused: .*shards them"):
+        plan_for(_config(tmp_path, "fsdp=full_shard", f"replay_dataset={tmp_path / 'd.jsonl'}", "replay_ratio=0.3",
+                         "replay_null_space=0.99"))
     with pytest.raises(ValueError, match="deepspeed and fsdp are both set"):
         plan_for(_config(tmp_path, "finetuning_type=full", "fsdp=full_shard", f"deepspeed={_ds(tmp_path, 3)}"))
 

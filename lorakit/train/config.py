@@ -173,6 +173,11 @@ class TrainConfig:
     """Distil the base model on replay rows: their label tokens learn (1 - w) the label and w the base's whole
     next-token distribution (w KL(P_base || P), the base from one extra forward of each replay row, without
     gradients and with the adapter off). In [0, 1]; lora/qlora only (not under FSDP2). 0 is off."""
+    replay_null_space: float = 0.0
+    """Keep every LoRA A orthogonal to the input directions that hold this share of the replay rows' input energy
+    (per layer, from the base's inputs; A <- A (I - U U^T) after every step), so the adapter leaves the base's
+    output on such inputs unchanged. In [0, 1), e.g. 0.99; plain lora/qlora, rows not packed, not under FSDP2.
+    0 is off."""
 
     # --- output
     output_dir: str = "saves/lorakit"
@@ -380,6 +385,17 @@ def _value_problems(c) -> list[str]:
         (c.replay_kl_weight == 0 or c.finetuning_type in ("lora", "qlora"),
          f"replay_kl_weight needs finetuning_type lora or qlora (the base is the model with the adapter off), "
          f"not {c.finetuning_type}"),
+        (0 <= c.replay_null_space < 1, f"replay_null_space must be in [0, 1), got {c.replay_null_space}"),
+        (c.replay_null_space == 0 or c.replay_ratio > 0,
+         "replay_null_space is set but replay_ratio is 0: it is measured on the replay rows; give replay_ratio"),
+        (c.replay_null_space == 0 or c.finetuning_type in ("lora", "qlora"),
+         f"replay_null_space needs finetuning_type lora or qlora, not {c.finetuning_type}"),
+        (c.replay_null_space == 0 or not (c.use_dora or c.use_adalora or c.pissa_init or c.loraga_init),
+         "replay_null_space cannot be combined with use_dora, use_adalora, pissa_init or loraga_init (it keeps "
+         "plain LoRA's B A x at 0 on general inputs; DoRA's magnitude and a start with B != 0 change them anyway)"),
+        (c.replay_null_space == 0 or not (c.packing or c.neat_packing or (c.packing is None and c.stage == "pt")),
+         "replay_null_space needs rows that are not packed (packing: false): it measures the replay examples one "
+         "by one"),
         (c.val_size >= 0 and (c.val_size < 1 or float(c.val_size).is_integer()),
          f"val_size must be a fraction in [0, 1) or a whole number of examples, got {c.val_size}"),
         (bool(str(c.output_dir).strip()), "output_dir is empty"),

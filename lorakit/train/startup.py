@@ -36,6 +36,8 @@ def startup_lines(trainer: Trainer, model: torch.nn.Module, loss_reason: str | N
                  f"{trainer.schedule.warmup_steps}; lr {cfg.learning_rate:g} {cfg.lr_scheduler_type}")
     if trainer.teacher_note:
         lines.append(trainer.teacher_note)
+    if trainer.null_space_note:
+        lines.append(trainer.null_space_note)
     if resume:
         lines.append(f"resuming from {resume} at step {trainer.step} (epoch {trainer.epoch_float:.2f}, "
                      f"{trainer.state.examples_consumed} {'rows' if trainer.data.packed else 'examples'} consumed)")

@@ -57,6 +57,10 @@ from .loss import (
     shifted_targets,
 )
 from .methods import Trainable, lora_config_for, make_optimizer, make_trainable, quantization_of
+from .null_space import MAX_BYTES as NULL_SPACE_MAX_BYTES
+from .null_space import NullSpace
+from .null_space import measure as measure_null_space
+from .null_space import planned_bytes as null_space_bytes
 from .prepare import Data, clear_previous_run, preflight, prepare_data, steps_per_epoch, task_data
 from .rank_allocation import RankAllocation
 from .report import MetricsLog, plot_loss
@@ -136,6 +140,8 @@ class Trainer:
         self.distill = Distill(cfg.replay_kl_weight, trainable.lora.disable_adapter) \
             if cfg.replay_kl_weight and trainable.lora is not None else None  # replay rows learn the base too
         self.teacher: TeacherStates | None = None  # the base's states on replay rows, once (`keep_teacher_states`)
+        self.null_space: NullSpace | None = None  # replay_null_space's directions per LoRA layer (`keep_null_space`)
+        self.null_space_note = ""
         self.teacher_note = ""  # the start-up line about them
         self.window = {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}  # since the last metrics line
         self.run_tokens, self.run_seconds, self.run_losses = 0, 0.0, []  # this process's steps
@@ -240,6 +246,8 @@ class Trainer:
             self.optimizer.step()
         if self.ranks is not None:  # AdaLoRA's budget and masks, with this step's gradients
             self.ranks.after_optimizer_step(self.step)
+        if self.null_space is not None:  # A back outside the replay rows' input directions
+            self.null_space.project()
         self.optimizer.zero_grad(set_to_none=True)
         ended_epoch = self.complete_step(indices)
         self.inside_step = False
@@ -263,6 +271,27 @@ class Trainer:
         self.teacher_note = (f"KL to the base: its hidden states on the {len(self.teacher.states)} replay rows "
                              f"computed once ({self.teacher.nbytes / 2**20:.1f} MB, "
                              f"{time.perf_counter() - start:.1f} s), not at every step")
+
+    def keep_null_space(self) -> None:
+        """replay_null_space: measure the directions every LoRA A must stay out of (null_space.py) and project A
+        onto the rest now, before the first step (B is 0 there, so the model is unchanged); `null_space_note`."""
+        energy = self.cfg.replay_null_space
+        if not energy:
+            return
+        lora = self.trainable.lora
+        planned = null_space_bytes(self.model)
+        if planned > NULL_SPACE_MAX_BYTES:
+            raise ValueError(f"replay_null_space would sum {planned / 2**30:.1f} GB of input covariances (float64, "
+                             f"one per LoRA layer) while measuring, above its {NULL_SPACE_MAX_BYTES / 2**30:.1f} GB; "
+                             "target fewer or narrower layers (lora_target)")
+        start = time.perf_counter()
+        self.null_space = measure_null_space(self.model, self.data.items, lora.disable_adapter, self.autocast,
+                                             self.device, self.pad_id, energy)
+        self.null_space.project()
+        self.null_space_note = (f"null space: every LoRA A kept out of the input directions holding {energy:g} of the "
+                                f"replay rows' input energy ({len(self.null_space.keep)} layers, "
+                                f"{self.null_space.removed:.0%} of their input directions, "
+                                f"{time.perf_counter() - start:.1f} s)")
 
     def forward_loss(self, batch: dict) -> tuple[torch.Tensor, int]:
         """(loss summed over label tokens, their count): through DDP / FSDP2 with several ranks."""
@@ -497,6 +526,7 @@ def train_ranks(cfg: TrainConfig, world: World, device: torch.device | None, on_
             raise ValueError(problem)
     apply_model_levers(model, amp_dtype, packed=data.packed, lora=trainable.lora is not None)  # after the fp32 check
     trainer.keep_teacher_states()  # after the levers: the base as every step will run it
+    trainer.keep_null_space()  # the same: the inputs every step's layers will see
     if world.distributed:  # after the levers: FSDP2 shards the frozen base in the dtype they leave it in
         trainer.distribute(sharding)
     if plan.resume:
