@@ -26,7 +26,6 @@ import sys
 from pathlib import Path
 
 import common
-import null_space
 
 NAME = "input_overlap"
 ENERGY = 0.99
@@ -47,22 +46,18 @@ def sequences(tokenizer, template, conversations: list[list[dict]]) -> list[list
 
 
 def input_sums(model, layers, seqs: list[list[int]], pad_id: int) -> dict:
-    """Per layer key: sum of x x^T (in, in) in float64 over every token of `seqs`."""
+    """Per layer key: sum of x x^T (in, in) float64 over every token of `seqs` (lorakit.train.null_space's own
+    measurement; layers that read one input get the same sum)."""
+    import contextlib
+
     import torch
 
-    from lorakit.data.batching import pad_collate
+    from lorakit.train.null_space import covariances
 
-    sums = {key: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for key, m in layers}
-    for start in range(0, len(seqs), BATCH):
-        rows = [{"input_ids": s, "labels": s} for s in seqs[start:start + BATCH]]
-        batch = pad_collate(rows, pad_id)  # (B, T), right-padded
-        mask = batch["attention_mask"].bool()
-        with torch.no_grad():
-            seen = null_space.capture_inputs(model, layers, batch["input_ids"], batch["attention_mask"])
-        for key, x in seen.items():
-            x = x[mask].double()  # (N, in)
-            sums[key] += x.T @ x
-    return sums
+    rows = [{"input_ids": s, "labels": s} for s in seqs]
+    sums, owner = covariances(model, layers, rows, contextlib.nullcontext, contextlib.nullcontext,
+                              torch.device("cpu"), pad_id)
+    return {key: sums[owner[key]] for key, _ in layers}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     from lorakit.data import get_template
     from lorakit.lora.inject import lora_layers
     from lorakit.models import load_model
+    from lorakit.train.null_space import kept_directions
 
     cfg, _ = demo.load_config(demo.CONFIG, [])
     model, tokenizer, _ = load_model(None, dtype="float32")
@@ -98,13 +94,14 @@ def main(argv: list[str] | None = None) -> int:
     sums = {name: input_sums(model, layers, sequences(tokenizer, template, convs), pad) for name, convs in sets.items()}
     rows = []
     for key, m in layers:
-        u = null_space.top_directions(sums["replay"][key].float(), ENERGY).double()  # (in, k)
-        outside = torch.eye(m.in_features, dtype=torch.float64) - u @ u.T
+        v = kept_directions(sums["replay"][key], ENERGY).double()  # (in, in - k)
+        outside = v @ v.T  # I - U U^T
         share = {name: float(torch.trace(outside @ sums[name][key] @ outside) / torch.trace(sums[name][key]))
                  for name in ("kb_train", "kb_heldout", "probes")}
         found = re.search(r"layers\.(\d+)\..*\.(\w+)$", key)
-        rows.append({"layer": int(found.group(1)), "module": found.group(2), "kept_directions": u.shape[1],
-                     "in": m.in_features, **{f"outside_{k}": v for k, v in share.items()},
+        rows.append({"layer": int(found.group(1)), "module": found.group(2),
+                     "removed_directions": m.in_features - v.shape[1], "in": m.in_features,
+                     **{f"outside_{name}": value for name, value in share.items()},
                      "ratio_heldout_probes": share["kb_heldout"] / share["probes"]})
     by_module = {}
     for module in common.TARGETS:
