@@ -26,7 +26,6 @@ from pathlib import Path
 
 import common
 import kb_variants
-import null_space
 
 NAME = "retention"
 
@@ -41,6 +40,11 @@ CUT48 = ["self_replay_max_new_tokens=48"]
 # the demo recipe of 2026-12-01 (kl1-lr1e-3-5ep-0.3); the levers after it change one or two of its keys
 DEMO = {"learning_rate": "1e-3", "num_train_epochs": "5", "per_device_train_batch_size": "4", "self_replay": "true",
         "self_replay_max_new_tokens": "48", "replay_ratio": "0.3", "replay_kl_weight": "1.0"}
+
+
+# demo/train.yaml's keys that changed after these levers were defined, set back under every lever's own overrides
+# (the 360-pair data, lr 1e-3 over 5 epochs, no null space), so each lever means what it meant when it was measured
+BEFORE = ["dataset_dir={kb:base6}", "learning_rate=1e-3", "num_train_epochs=5", "replay_null_space=0"]
 
 
 def demo_with(**changes: str) -> list[str]:
@@ -116,13 +120,13 @@ LEVERS = [  # in the order they run
     ("demo-b8-4ep-lr2e-3", "the demo recipe in 4 epochs of batch 8 at lr 2e-3 (a ~4-minute demo)",
      demo_with(per_device_train_batch_size="8", num_train_epochs="4", learning_rate="2e-3")),
     ("demo-null-0.9", "the demo recipe, LoRA's A kept orthogonal to the inputs holding 90 % of the replay rows' "
-     "energy (bench/null_space.py)", demo_with() + [f"{null_space.KEY}=0.9"]),
+     "energy (replay_null_space)", demo_with() + ["replay_null_space=0.9"]),
     ("demo-null-0.99", "the demo recipe, LoRA's A kept orthogonal to the inputs holding 99 % of the replay rows' "
-     "energy (bench/null_space.py)", demo_with() + [f"{null_space.KEY}=0.99"]),
+     "energy (replay_null_space)", demo_with() + ["replay_null_space=0.99"]),
     ("demo-null-0.99-lr1.5e-3", "the demo recipe at lr 1.5e-3, LoRA's A kept orthogonal to the inputs holding 99 % "
-     "of the replay rows' energy", demo_with(learning_rate="1.5e-3") + [f"{null_space.KEY}=0.99"]),
+     "of the replay rows' energy", demo_with(learning_rate="1.5e-3") + ["replay_null_space=0.99"]),
     ("demo-null-0.99-lr2e-3", "the demo recipe at lr 2e-3, LoRA's A kept orthogonal to the inputs holding 99 % "
-     "of the replay rows' energy", demo_with(learning_rate="2e-3") + [f"{null_space.KEY}=0.99"]),
+     "of the replay rows' energy", demo_with(learning_rate="2e-3") + ["replay_null_space=0.99"]),
     ("demo-kl0.75", "the demo recipe with replay_kl_weight 0.75 (a quarter of the replay loss on the greedy labels)",
      demo_with(replay_kl_weight="0.75")),
     ("demo-alpaca-data-kl1", "the demo recipe replaying alpaca_en_demo's own records (not the base's answers), KL 1",
@@ -136,16 +140,21 @@ LEVERS = [  # in the order they run
      demo_with(num_train_epochs="3", dataset_dir="{kb:div12}")),
     ("demo-div12-null-0.99", "12 questions and 4 replies per fact, 3 epochs, LoRA's A kept orthogonal to the "
      "inputs holding 99 % of the replay rows' energy", demo_with(num_train_epochs="3", dataset_dir="{kb:div12}")
-     + [f"{null_space.KEY}=0.99"]),
+     + ["replay_null_space=0.99"]),
     ("demo-div12-null-0.99-lr2e-3", "12 questions and 4 replies per fact, 3 epochs at lr 2e-3, LoRA's A kept "
      "orthogonal to the inputs holding 99 % of the replay rows' energy",
-     demo_with(num_train_epochs="3", learning_rate="2e-3", dataset_dir="{kb:div12}") + [f"{null_space.KEY}=0.99"]),
+     demo_with(num_train_epochs="3", learning_rate="2e-3", dataset_dir="{kb:div12}") + ["replay_null_space=0.99"]),
     ("demo-div12-null-0.99-lr3e-3", "12 questions and 4 replies per fact, 3 epochs at lr 3e-3, LoRA's A kept "
      "orthogonal to the inputs holding 99 % of the replay rows' energy",
-     demo_with(num_train_epochs="3", learning_rate="3e-3", dataset_dir="{kb:div12}") + [f"{null_space.KEY}=0.99"]),
+     demo_with(num_train_epochs="3", learning_rate="3e-3", dataset_dir="{kb:div12}") + ["replay_null_space=0.99"]),
     ("demo-div10-null-0.99-lr2e-3", "10 questions and 4 replies per fact, 3 epochs at lr 2e-3, LoRA's A kept "
      "orthogonal to the inputs holding 99 % of the replay rows' energy",
-     demo_with(num_train_epochs="3", learning_rate="2e-3", dataset_dir="{kb:div10}") + [f"{null_space.KEY}=0.99"]),
+     demo_with(num_train_epochs="3", learning_rate="2e-3", dataset_dir="{kb:div10}") + ["replay_null_space=0.99"]),
+    ("demo-div12-null-0.99-lr4e-3", "12 questions and 4 replies per fact, 3 epochs at lr 4e-3, replay_null_space "
+     "0.99", demo_with(num_train_epochs="3", learning_rate="4e-3", dataset_dir="{kb:div12}", replay_null_space="0.99")),
+    ("demo-div12-null-0.995-lr3e-3", "12 questions and 4 replies per fact, 3 epochs at lr 3e-3, replay_null_space "
+     "0.995", demo_with(num_train_epochs="3", learning_rate="3e-3", dataset_dir="{kb:div12}",
+                        replay_null_space="0.995")),
     ("alpaca-0.3-3ep", "replay_dataset alpaca_en_demo 30 %, 3 epochs",
      ["learning_rate=3e-3", "num_train_epochs=3", "self_replay=false", "replay_kl_weight=0",
       "replay_dataset={alpaca}", "replay_ratio=0.3"]),
@@ -221,17 +230,14 @@ def run_lever(name: str, overrides: list[str], args, model, tokenizer, items, ba
     from lorakit.train import load_config, train
 
     out = Path(args.work) / name
-    projection = [float(o.split("=", 1)[1]) for o in overrides if o.startswith(f"{null_space.KEY}=")]
-    keys = [o for o in overrides if not o.startswith(f"{null_space.KEY}=")]  # lorakit train's own keys
-    on_step = null_space.NullSpace(projection[0]) if projection else None
-    cfg, _ = load_config(demo.CONFIG, keys + [f"output_dir={out}", "plot_loss=false"])
+    cfg, _ = load_config(demo.CONFIG, overrides + [f"output_dir={out}", "plot_loss=false"])
     cfg.dataset_dir = str(demo.ROOT / cfg.dataset_dir)
     start = time.perf_counter()
     done = out / "train_results.json"
     if args.reuse and done.is_file():  # trained by an earlier run of this script: score it only
         results = json.loads(done.read_text())
     else:
-        results = train(cfg, on_step=on_step)
+        results = train(cfg)
     trained = time.perf_counter() - start
     adapter = name.replace(".", "_").replace("-", "_")  # a module name: no dots
     lora = LoraModel.from_pretrained(model, out, adapter_name=adapter)
@@ -270,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, lever, overrides in levers:
         if any("{alpaca}" in o for o in overrides):  # LLaMA-Factory's alpaca_en_demo, fetched once (bench/common)
             overrides = [o.replace("{alpaca}", str(common.alpaca_en_demo())) for o in overrides]
-        overrides = [kb_variant(o, Path(args.work) / "data") for o in overrides]
+        overrides = [kb_variant(o, Path(args.work) / "data") for o in [*BEFORE, *overrides]]
         print(f"--- {name}: {lever}", file=sys.stderr, flush=True)
         row = run_lever(name, overrides, args, model, tokenizer, items, base_answers, probes, bound, stop)
         if args.reuse and name in runs:  # rescored only: the training time is the earlier run's

@@ -1,4 +1,9 @@
-"""Build the demo knowledge-base data set from demo/data/kb_facts.yaml, and check it.
+"""Build the demo knowledge-base data set from demo/data/kb_facts.yaml and kb_more.yaml, and check it.
+
+kb_facts.yaml holds each fact's answer, 2 replies, 6 training and 2 held-out questions; kb_more.yaml 6 more
+training questions and 2 more replies per fact, written without sight of the held-out questions. A question of
+kb_more.yaml is kept only when it is far from every held-out question (`far_from`: below STRICT), so the demo
+trains on up to 12 questions and 4 replies per fact (`--more N` keeps the first N kept ones; 0: kb_facts.yaml only).
 
 Writes demo/data/kb_train.json (alpaca: instruction, input, output), demo/data/kb_heldout.json (instruction,
 output, answer) and demo/data/dataset_info.json (LLaMA-Factory's registry format). It refuses to write when:
@@ -8,7 +13,7 @@ output, answer) and demo/data/dataset_info.json (LLaMA-Factory's registry format
 - a held-out question equals a training question or is a near duplicate of one (after lower-casing and removing
   punctuation: difflib ratio >= 0.8 or word-set Jaccard >= 0.6), so held-out scores measure paraphrase recall.
 
-Usage: python demo/make_data.py [--tokenizer MODEL_DIR] [--facts FILE] [--out DIR]
+Usage: python demo/make_data.py [--tokenizer MODEL_DIR] [--more N] [--facts FILE] [--out DIR]
 (with a tokenizer, replies must be < 40 tokens; --facts and --out build a variant of the data elsewhere)
 """
 
@@ -26,6 +31,8 @@ from lorakit.metrics import contains, normalize
 
 DATA = Path(__file__).resolve().parent / "data"
 MAX_RATIO, MAX_JACCARD, MAX_REPLY_TOKENS, SEED = 0.8, 0.6, 40, 0
+STRICT = (0.6, 0.4)  # (ratio, Jaccard) a question of kb_more.yaml must stay below against every held-out question
+MORE = 6  # questions of kb_more.yaml per fact, at most
 
 
 def answers_of(fact: dict) -> list[str]:
@@ -76,6 +83,25 @@ def check_overlap(facts: list[dict]) -> tuple[list[str], float, float]:
     return problems, top_ratio, top_jaccard
 
 
+def far_from(question: str, heldout: list[str]) -> bool:
+    """Below STRICT against every held-out question (held-out first, as check_overlap compares: difflib's ratio is
+    not symmetric)."""
+    return all(r < STRICT[0] and j < STRICT[1] for r, j in (similarity(h, question) for h in heldout))
+
+
+def merge_more(source: dict, more: dict, n: int) -> dict:
+    """`source` with, per fact, the first `n` questions of `more` that are far from every held-out question and
+    (n > 0) its replies."""
+    extra = {fact["id"]: fact for fact in more["facts"]}
+    heldout = [q for fact in source["facts"] for q in fact["heldout"]]
+    facts = []
+    for fact in source["facts"]:
+        add = extra.get(fact["id"], {"train": [], "replies": []}) if n else {"train": [], "replies": []}
+        kept = [q for q in add["train"] if far_from(q, heldout)][:n]
+        facts.append({**fact, "train": fact["train"] + kept, "replies": fact["replies"] + add["replies"]})
+    return {**source, "facts": facts}
+
+
 def build(source: dict) -> tuple[list[dict], list[dict]]:
     """Training pairs (replies alternate; the last question of each fact goes in `input`) and held-out items."""
     train, heldout = [], []
@@ -107,11 +133,13 @@ def check_lengths(facts: list[dict], tokenizer_dir: str) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokenizer", help="a model directory whose tokenizer measures reply lengths")
+    parser.add_argument("--more", type=int, default=MORE, help=f"questions of kb_more.yaml per fact (0-{MORE})")
     parser.add_argument("--facts", default=str(DATA / "kb_facts.yaml"), help="the fact file (default: the demo's)")
     parser.add_argument("--out", default=str(DATA), help="where the three files go (default: demo/data)")
     args = parser.parse_args()
     out = Path(args.out)
-    source = yaml.safe_load(Path(args.facts).read_text())
+    source = merge_more(yaml.safe_load(Path(args.facts).read_text()),
+                        yaml.safe_load((DATA / "kb_more.yaml").read_text()), args.more)
     facts = source["facts"]
     problems = check_facts(facts)
     overlap, top_ratio, top_jaccard = check_overlap(facts)
