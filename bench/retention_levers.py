@@ -155,6 +155,10 @@ LEVERS = [  # in the order they run
     ("demo-div12-null-0.995-lr3e-3", "12 questions and 4 replies per fact, 3 epochs at lr 3e-3, replay_null_space "
      "0.995", demo_with(num_train_epochs="3", learning_rate="3e-3", dataset_dir="{kb:div12}",
                         replay_null_space="0.995")),
+    ("demo-div12-null-0.99-lr2e-3-key", "demo-div12-null-0.99-lr2e-3 again, on the replay_null_space key",
+     demo_with(num_train_epochs="3", learning_rate="2e-3", dataset_dir="{kb:div12}", replay_null_space="0.99")),
+    ("demo-div12-null-0.99-lr3e-3-key", "demo-div12-null-0.99-lr3e-3 again, on the replay_null_space key",
+     demo_with(num_train_epochs="3", learning_rate="3e-3", dataset_dir="{kb:div12}", replay_null_space="0.99")),
     ("alpaca-0.3-3ep", "replay_dataset alpaca_en_demo 30 %, 3 epochs",
      ["learning_rate=3e-3", "num_train_epochs=3", "self_replay=false", "replay_kl_weight=0",
       "replay_dataset={alpaca}", "replay_ratio=0.3"]),

@@ -74,8 +74,9 @@ def _one(root, out, *extra) -> dict:
     return train(load_config(None, _args(root, out, *extra))[0])
 
 
-def _same(a: Path, b: Path, name: str = "adapter_model.safetensors", atol: float = 1e-6) -> None:
-    """fp32, tight: the sums differ only in order (AdamW's step, ~lr, makes a near-zero gradient's rounding show)."""
+def _same(a: Path, b: Path, name: str = "adapter_model.safetensors", atol: float = 5e-6) -> None:
+    """fp32, tight: the sums differ only in order (AdamW's step, ~lr, makes a near-zero gradient's rounding show:
+    up to 3e-6 here with the fused kernel, under 0.03 % of one step of lr 1e-2)."""
     mine, theirs = load_file(str(a / name)), load_file(str(b / name))
     assert sorted(mine) == sorted(theirs)
     for key, value in mine.items():
