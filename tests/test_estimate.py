@@ -186,3 +186,15 @@ def test_heap_factor_is_the_measured_one():
     result = json.loads((ROOT / "bench" / "results" / "estimate.json").read_text())
     assert result["worst_error"] <= result["tolerance"] and len(result["rows"]) >= 8
     assert CPU_HEAP_FACTOR == pytest.approx(result["heap_factor"])
+
+
+def test_replay_rows_are_named_as_not_counted(tiny, capsys):
+    """The replay rows' answers exist only once generated: the estimate counts the task and says what it leaves out."""
+    keys = [f"model_name_or_path={tiny['model']}", f"dataset={tiny['data']}", "--device", "24GB"]
+    assert main(["estimate", *keys]) == 0
+    assert "not counted" not in capsys.readouterr().out
+    assert main(["estimate", *keys, f"replay_dataset={tiny['data']}", "replay_ratio=0.5", "replay_kl_weight=1",
+                 "replay_null_space=0.99"]) == 0
+    out = capsys.readouterr().out
+    assert "replay_ratio 0.5 adds 12 replay rows to every epoch" in out and "about 2.00 times the steps" in out
+    assert "replay_kl_weight keeps the base's hidden states" in out and "replay_null_space sums" in out

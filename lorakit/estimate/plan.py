@@ -118,12 +118,34 @@ def estimate(cfg: TrainConfig, device: Device | str | None = None, data: DataSiz
             notes.append(f"no data set: every micro-batch assumed full ({cfg.per_device_train_batch_size} x "
                          f"{cfg.cutoff_len} tokens, all with loss)")
     result = _plan(shape, model, cfg, device, data, amp, bucket)
-    result.notes = notes + result.notes
+    result.notes = notes + result.notes + replay_notes(cfg, data)
     if not result.fits:
         result.changes = advice.changes(cfg, result, lambda c: _plan(shape, meta_copy(model, c), c, device,
                                                                       data.clipped(c.cutoff_len), amp, bucket))
     result.advice = advice.rank_advice(cfg, data, shape)
     return result
+
+
+def replay_notes(cfg: TrainConfig, data: DataSize) -> list[str]:
+    """What the estimate leaves out of a run with replay rows (their answers are only known once generated)."""
+    if not cfg.replay_ratio or not data.measured:
+        return []
+    from ..data.replay import replay_count
+    from ..train.teacher import MAX_BYTES
+
+    rows = replay_count(data.examples, cfg.replay_ratio)
+    out = [f"not counted: replay_ratio {cfg.replay_ratio:g} adds {rows} replay rows to every epoch (the steps, "
+           f"tokens and time above are the {data.examples} task examples'; a run has about "
+           f"{1 + rows / max(data.examples, 1):.2f} times the steps)"]
+    if cfg.self_replay:
+        out.append("not counted: self_replay generates the replay answers with the base before training")
+    if cfg.replay_kl_weight:
+        out.append("not counted: replay_kl_weight keeps the base's hidden states on the replay rows on the CPU "
+                   f"(at most {MAX_BYTES >> 20} MB; the start-up line gives their size)")
+    if cfg.replay_null_space:
+        out.append("not counted: replay_null_space sums an (in x in) float64 input covariance per LoRA layer input "
+                   "before the first step (the start-up line says how long it took)")
+    return out
 
 
 def meta_copy(model: nn.Module, cfg: TrainConfig) -> nn.Module:
