@@ -26,7 +26,8 @@ VARIANTS = (*MORE, "rep5")
 
 
 def make_data():
-    sys.path.insert(0, str(ROOT / "demo"))
+    if str(ROOT / "demo") not in sys.path:
+        sys.path.insert(0, str(ROOT / "demo"))
     import make_data  # demo/make_data.py: the demo data's own builder and checks
 
     return make_data

@@ -117,10 +117,18 @@ def test_bad_null_space_settings_are_one_line_config_errors(overrides, message):
 
 
 def test_a_measurement_over_its_memory_limit_is_refused_in_one_line(setup, monkeypatch):
-    import lorakit.train.trainer as trainer_module
+    import lorakit.train.null_space as null_space
 
-    monkeypatch.setattr(trainer_module, "NULL_SPACE_MAX_BYTES", 1 << 10)
+    monkeypatch.setattr(null_space, "MAX_BYTES", 1 << 10)
     cfg, _ = load_config(None, args(setup, "too-big"))
     with pytest.raises(ValueError, match=r"^replay_null_space would sum .* GB of input covariances") as caught:
+        train(cfg)
+    assert "\n" not in str(caught.value)
+
+
+def test_an_embedding_lora_layer_is_refused_not_skipped(setup):
+    cfg, _ = load_config(None, args(setup, "embedding", "lora_target=embed_tokens,q_proj"))
+    with pytest.raises(ValueError, match=r"^replay_null_space projects LoRA on linear layers only; .*embed_tokens "
+                                         r"is an embedding") as caught:
         train(cfg)
     assert "\n" not in str(caught.value)

@@ -51,18 +51,28 @@ class NullSpace:
             a.copy_((a @ v) @ v.T)
 
 
-def planned_bytes(model: nn.Module) -> int:
+def planned_bytes(layers: list) -> int:
     """What the float64 covariances would take while measuring (an upper bound: one per layer, shared or not)."""
-    return sum(m.in_features ** 2 * 8 for _, m in lora_layers(model) if hasattr(m, "in_features"))
+    return sum(m.in_features ** 2 * 8 for _, m in layers)
 
 
 def measure(model: nn.Module, items: list[dict], base: Callable[[], AbstractContextManager],
             autocast: Callable[[], AbstractContextManager], device: torch.device, pad_id: int,
             energy: float) -> NullSpace:
-    """The null space of every LoRA linear layer's inputs on the replay items (`"replay": True`) of `items`."""
+    """The null space of every LoRA linear layer's inputs on the replay items (`"replay": True`) of `items`
+    (ValueError, one line, before any forward: an embedding LoRA layer, covariances above MAX_BYTES)."""
     if not 0 < energy < 1:
         raise ValueError(f"replay_null_space must be in (0, 1), got {energy}")
-    layers = [(k, m) for k, m in lora_layers(model) if hasattr(m, "in_features")]
+    layers = lora_layers(model)
+    embedding = next((k for k, m in layers if not hasattr(m, "in_features")), None)
+    if embedding is not None:  # its input is a token id, not a vector: nothing to keep A out of
+        raise ValueError(f"replay_null_space projects LoRA on linear layers only; {embedding} is an embedding "
+                         "(take it out of lora_target)")
+    planned = planned_bytes(layers)
+    if planned > MAX_BYTES:
+        raise ValueError(f"replay_null_space would sum {planned / 2**30:.1f} GB of input covariances (float64, one "
+                         f"per LoRA layer) while measuring, above its {MAX_BYTES / 2**30:.1f} GB; target fewer or "
+                         "narrower layers (lora_target)")
     rows = [it for it in items if it.get("replay") is True]
     if not rows:
         raise ValueError("replay_null_space needs replay rows (replay_ratio above 0, examples not packed)")

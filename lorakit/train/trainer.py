@@ -57,10 +57,8 @@ from .loss import (
     shifted_targets,
 )
 from .methods import Trainable, lora_config_for, make_optimizer, make_trainable, quantization_of
-from .null_space import MAX_BYTES as NULL_SPACE_MAX_BYTES
 from .null_space import NullSpace
 from .null_space import measure as measure_null_space
-from .null_space import planned_bytes as null_space_bytes
 from .prepare import Data, clear_previous_run, preflight, prepare_data, steps_per_epoch, task_data
 from .rank_allocation import RankAllocation
 from .report import MetricsLog, plot_loss
@@ -140,9 +138,9 @@ class Trainer:
         self.distill = Distill(cfg.replay_kl_weight, trainable.lora.disable_adapter) \
             if cfg.replay_kl_weight and trainable.lora is not None else None  # replay rows learn the base too
         self.teacher: TeacherStates | None = None  # the base's states on replay rows, once (`keep_teacher_states`)
-        self.null_space: NullSpace | None = None  # replay_null_space's directions per LoRA layer (`keep_null_space`)
-        self.null_space_note = ""
         self.teacher_note = ""  # the start-up line about them
+        self.null_space: NullSpace | None = None  # replay_null_space's directions per LoRA layer (`keep_null_space`)
+        self.null_space_note = ""  # the start-up line about them
         self.window = {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}  # since the last metrics line
         self.run_tokens, self.run_seconds, self.run_losses = 0, 0.0, []  # this process's steps
 
@@ -278,15 +276,9 @@ class Trainer:
         energy = self.cfg.replay_null_space
         if not energy:
             return
-        lora = self.trainable.lora
-        planned = null_space_bytes(self.model)
-        if planned > NULL_SPACE_MAX_BYTES:
-            raise ValueError(f"replay_null_space would sum {planned / 2**30:.1f} GB of input covariances (float64, "
-                             f"one per LoRA layer) while measuring, above its {NULL_SPACE_MAX_BYTES / 2**30:.1f} GB; "
-                             "target fewer or narrower layers (lora_target)")
         start = time.perf_counter()
-        self.null_space = measure_null_space(self.model, self.data.items, lora.disable_adapter, self.autocast,
-                                             self.device, self.pad_id, energy)
+        self.null_space = measure_null_space(self.model, self.data.items, self.trainable.lora.disable_adapter,
+                                             self.autocast, self.device, self.pad_id, energy)
         self.null_space.project()
         self.null_space_note = (f"null space: every LoRA A kept out of the input directions holding {energy:g} of the "
                                 f"replay rows' input energy ({len(self.null_space.keep)} layers, "
