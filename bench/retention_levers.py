@@ -159,6 +159,19 @@ LEVERS = [  # in the order they run
      demo_with(num_train_epochs="3", learning_rate="2e-3", dataset_dir="{kb:div12}", replay_null_space="0.99")),
     ("demo-div12-null-0.99-lr3e-3-key", "demo-div12-null-0.99-lr3e-3 again, on the replay_null_space key",
      demo_with(num_train_epochs="3", learning_rate="3e-3", dataset_dir="{kb:div12}", replay_null_space="0.99")),
+    ("demo-div12-task16-lr3e-3", "12 questions and 4 replies per fact, 3 epochs at lr 3e-3, replay_task_directions "
+     "16", demo_with(num_train_epochs="3", learning_rate="3e-3", dataset_dir="{kb:div12}",
+                     replay_task_directions="16")),
+    ("demo-div12-task64-lr3e-3", "12 questions and 4 replies per fact, 3 epochs at lr 3e-3, replay_task_directions "
+     "64", demo_with(num_train_epochs="3", learning_rate="3e-3", dataset_dir="{kb:div12}",
+                     replay_task_directions="64")),
+    ("demo-div12-task16-lr3e-3-rw3", "demo-div12-task16-lr3e-3 with every replay token's loss counted 3 times "
+     "(replay_loss_weight 3)", demo_with(num_train_epochs="3", learning_rate="3e-3", dataset_dir="{kb:div12}",
+                                         replay_task_directions="16", replay_loss_weight="3")),
+    ("demo-div12-null-0.99-lr3e-3-rw3", "the demo recipe (12 phrasings, null space 0.99, lr 3e-3) with every replay "
+     "token's loss counted 3 times (replay_loss_weight 3)",
+     demo_with(num_train_epochs="3", learning_rate="3e-3", dataset_dir="{kb:div12}", replay_null_space="0.99",
+               replay_loss_weight="3")),
     ("alpaca-0.3-3ep", "replay_dataset alpaca_en_demo 30 %, 3 epochs",
      ["learning_rate=3e-3", "num_train_epochs=3", "self_replay=false", "replay_kl_weight=0",
       "replay_dataset={alpaca}", "replay_ratio=0.3"]),

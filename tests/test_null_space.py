@@ -2,7 +2,12 @@
 energy. The kept directions are orthonormal and complete the removed ones; after a run, every A is orthogonal to the
 removed directions, so the adapted layer gives the base's output on inputs in their span and still learns outside
 it; layers that read the same input share one measurement; a resumed run equals an uninterrupted one; bad settings
-are one-line errors before the model loads; a measurement over its memory limit is refused in one line."""
+are one-line errors before the model loads; a measurement over its memory limit is refused in one line.
+
+replay_task_directions: every LoRA A is kept inside the k directions where the task rows' input energy is largest
+relative to the replay rows' (generalized eigenvectors): the basis is orthonormal and finds the direction only the
+task uses; after a run every A lies in it; the first projection keeps A's row norms; bad settings are one-line
+errors."""
 
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ from cli_setup import save_tiny_model, write_facts
 from safetensors.torch import load_file
 
 from lorakit.train import ConfigError, load_config, train
-from lorakit.train.null_space import kept_directions
+from lorakit.train.null_space import NullSpace, kept_directions, task_directions
 
 GENERAL = [("Say hello.", "Hello there, how can I help?"), ("Count to three.", "One, two, three."),
            ("Name a colour.", "Blue is a colour."), ("What comes after Monday?", "Tuesday comes after Monday."),
@@ -132,3 +137,67 @@ def test_an_embedding_lora_layer_is_refused_not_skipped(setup):
                                          r"is an embedding") as caught:
         train(cfg)
     assert "\n" not in str(caught.value)
+
+
+def test_task_directions_find_what_only_the_task_uses():
+    torch.manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))[0]
+    # the task spends its energy on directions 0 and 1 equally; the replay rows spend almost all of theirs on 0
+    task = basis @ torch.diag(torch.tensor([1.0, 1.0, 0.01, 0.01, 0.01, 0.01], dtype=torch.float64)) @ basis.T
+    replay = basis @ torch.diag(torch.tensor([10.0, 0.01, 1.0, 1.0, 1.0, 1.0], dtype=torch.float64)) @ basis.T
+    q = task_directions(task, replay, 1).double()  # (6, 1)
+    assert q.shape == (6, 1)
+    assert abs(float(q[:, 0] @ basis[:, 1])) > 0.999  # direction 1: the task's, not the replay rows'
+    q3 = task_directions(task, replay, 3).double()
+    torch.testing.assert_close(q3.T @ q3, torch.eye(3, dtype=torch.float64), atol=1e-6, rtol=0)
+
+
+def test_the_first_projection_keeps_the_row_norms_of_a():
+    torch.manual_seed(0)
+    a = torch.randn(4, 16)
+    v = torch.linalg.qr(torch.randn(16, 3))[0]  # (16, 3)
+    norms = a.norm(dim=1)
+    NullSpace([(a, v)], removed=13 / 16).project(keep_norm=True)
+    torch.testing.assert_close(a.norm(dim=1), norms)
+    torch.testing.assert_close(a @ v @ v.T, a, atol=1e-5, rtol=0)  # in span(V)
+
+
+def test_a_run_keeps_every_a_in_the_task_directions_and_says_so(setup, capsys):
+    seen = {}
+
+    def check(trainer):
+        space = trainer.null_space
+        seen["widths"] = {v.shape[1] for _, v in space.keep}
+        seen["off"] = max(float((a.detach() @ (torch.eye(a.shape[1]) - v @ v.T)).abs().max()) for a, v in space.keep)
+
+    cfg, _ = load_config(None, args(setup, "task", "replay_null_space=0", "replay_task_directions=4"))
+    assert train(cfg, on_step=check)["status"] == "completed"
+    said = capsys.readouterr().err
+    assert "task directions: every LoRA A kept in the 4 input directions per layer" in said
+    assert seen["widths"] == {4} and seen["off"] < 1e-5
+    state = load_file(str(setup["root"] / "task" / "adapter_model.safetensors"))
+    assert any(float(t.abs().max()) > 1e-4 for k, t in state.items() if "lora_B" in k)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["replay_task_directions=-1", "self_replay=true", "replay_ratio=0.3"],
+     "replay_task_directions must be a whole number of directions >= 0, got -1"),
+    (["replay_task_directions=1.5", "self_replay=true", "replay_ratio=0.3"], "replay_task_directions must be int"),
+    (["replay_task_directions=8", "replay_null_space=0.9", "self_replay=true", "replay_ratio=0.3"],
+     "replay_null_space and replay_task_directions are two ways to confine LoRA A; set one of them"),
+    (["replay_task_directions=8"], "replay_task_directions is set but replay_ratio is 0"),
+    (["replay_task_directions=8", "self_replay=true", "replay_ratio=0.3", "use_dora=true"],
+     "replay_task_directions cannot be combined with use_dora"),
+])
+def test_bad_task_direction_settings_are_one_line_config_errors(overrides, message):
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, ["dataset=x", *overrides])
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_task_directions_as_wide_as_a_layer_input_are_refused(setup):
+    cfg, _ = load_config(None, args(setup, "too-wide", "replay_null_space=0", "replay_task_directions=100000"))
+    with pytest.raises(ValueError, match=r"^replay_task_directions 100000 must be below the input width of every "
+                                         r"LoRA layer; .* reads \d+$"):
+        train(cfg)
+    assert not (setup["root"] / "too-wide" / "adapter_model.safetensors").exists()

@@ -2,7 +2,8 @@
 gradients equal the formula computed by autograd; an untrained adapter (B = 0) adds no KL; the term is the KL to the
 model with its adapter off, and descending it brings a drifted adapter back; the collated mask covers exactly the
 replay examples (padded and packed); a run says it uses the term; the base's states kept before training give the
-loss and gradients of its per-step forward; bad settings are one-line errors."""
+loss and gradients of its per-step forward; replay_loss_weight multiplies the replay tokens' part; bad settings are
+one-line errors."""
 
 from __future__ import annotations
 
@@ -64,6 +65,9 @@ def test_an_untrained_adapter_adds_no_kl_and_weights_the_replay_labels():
     assert mixed_count == count and replay_part > 0
     torch.testing.assert_close(mixed, task_only + (1 - w) * replay_part, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ignored, full)
+    with torch.no_grad():  # replay_loss_weight: the replay tokens' part counts `scale` times
+        scaled, _ = causal_lm_loss(model, batch, distill=Distill(w, lora.disable_adapter, scale=3.0))
+    torch.testing.assert_close(scaled, task_only + 3 * (1 - w) * replay_part, rtol=1e-5, atol=1e-5)
 
 
 def test_the_kl_term_is_the_kl_to_the_model_with_its_adapter_off():
@@ -142,6 +146,10 @@ GENERAL = [("Say hello.", "Hello there, how can I help?"), ("Count to three.", "
     (["replay_kl_weight=0.5"], "replay_kl_weight is set but replay_ratio is 0"),
     (["replay_kl_weight=0.5", "self_replay=true", "replay_ratio=0.3", "finetuning_type=full"],
      "replay_kl_weight needs finetuning_type lora or qlora"),
+    (["replay_loss_weight=0", "replay_kl_weight=0.5", "self_replay=true", "replay_ratio=0.3"],
+     "replay_loss_weight must be above 0, got 0"),
+    (["replay_loss_weight=3", "self_replay=true", "replay_ratio=0.3"],
+     "replay_loss_weight needs replay_kl_weight above 0"),
 ])
 def test_bad_kl_settings_are_one_line_config_errors(overrides, message):
     with pytest.raises(ConfigError) as caught:

@@ -142,8 +142,10 @@ def replay_notes(cfg: TrainConfig, data: DataSize) -> list[str]:
     if cfg.replay_kl_weight:
         out.append("not counted: replay_kl_weight keeps the base's hidden states on the replay rows on the CPU "
                    f"(at most {MAX_BYTES >> 20} MB; the start-up line gives their size)")
-    if cfg.replay_null_space:
-        out.append("not counted: replay_null_space sums an (in x in) float64 input covariance per LoRA layer input "
+    if cfg.replay_null_space or cfg.replay_task_directions:
+        key = "replay_null_space" if cfg.replay_null_space else "replay_task_directions"
+        sums = "two (task and replay rows)" if cfg.replay_task_directions else "an"
+        out.append(f"not counted: {key} sums {sums} (in x in) float64 input covariance per LoRA layer input "
                    "before the first step (the start-up line says how long it took)")
     return out
 

@@ -173,11 +173,20 @@ class TrainConfig:
     """Distil the base model on replay rows: their label tokens learn (1 - w) the label and w the base's whole
     next-token distribution (w KL(P_base || P), the base from one extra forward of each replay row, without
     gradients and with the adapter off). In [0, 1]; lora/qlora only (not under FSDP2). 0 is off."""
+    replay_loss_weight: float = 1.0
+    """With replay_kl_weight: each replay token's loss counts this many times a task token's in the step's sum
+    (the mean still divides by the plain token count). Above 0; 1 is plain."""
     replay_null_space: float = 0.0
     """Keep every LoRA A orthogonal to the input directions that hold this share of the replay rows' input energy
     (per layer, from the base's inputs; A <- A (I - U U^T) after every step), so the adapter leaves the base's
     output on such inputs unchanged. In [0, 1), e.g. 0.99; plain lora/qlora, rows not packed, not under FSDP2.
     0 is off."""
+    replay_task_directions: int = 0
+    """Keep every LoRA A inside the k input directions (per layer input) where the task rows' input energy is largest
+    relative to the replay rows': the top k generalized eigenvectors of (C_task, C_replay), both from the base's
+    inputs; A <- A Q Q^T after every step. The adapter then moves the output mostly on inputs like the task's.
+    A whole number below every target layer's input width, e.g. 64; plain lora/qlora, rows not packed, not under
+    FSDP2, not with replay_null_space. 0 is off."""
 
     # --- output
     output_dir: str = "saves/lorakit"
@@ -319,6 +328,8 @@ def _type_problems(config: TrainConfig) -> tuple[list[str], list[str]]:
 
 def _value_problems(c) -> list[str]:
     """Range and consistency checks; every failing one is reported."""
+    projected = "replay_null_space" if c.replay_null_space else "replay_task_directions" \
+        if c.replay_task_directions else ""  # the key that confines LoRA A, if one does
     checks = [
         (c.stage in STAGES, f"stage must be one of {', '.join(STAGES)}, got {c.stage!r}"),
         (c.do_train, "do_train must be true: lorakit train trains (lorakit eval evaluates)"),
@@ -385,17 +396,24 @@ def _value_problems(c) -> list[str]:
         (c.replay_kl_weight == 0 or c.finetuning_type in ("lora", "qlora"),
          f"replay_kl_weight needs finetuning_type lora or qlora (the base is the model with the adapter off), "
          f"not {c.finetuning_type}"),
+        (c.replay_loss_weight > 0, f"replay_loss_weight must be above 0, got {c.replay_loss_weight}"),
+        (c.replay_loss_weight == 1 or c.replay_kl_weight > 0,
+         "replay_loss_weight needs replay_kl_weight above 0 (it weighs the replay tokens of the KL term's loss)"),
         (0 <= c.replay_null_space < 1, f"replay_null_space must be in [0, 1), got {c.replay_null_space}"),
-        (c.replay_null_space == 0 or c.replay_ratio > 0,
-         "replay_null_space is set but replay_ratio is 0: it is measured on the replay rows; give replay_ratio"),
-        (c.replay_null_space == 0 or c.finetuning_type in ("lora", "qlora"),
-         f"replay_null_space needs finetuning_type lora or qlora, not {c.finetuning_type}"),
-        (c.replay_null_space == 0 or not (c.use_dora or c.use_adalora or c.pissa_init or c.loraga_init),
-         "replay_null_space cannot be combined with use_dora, use_adalora, pissa_init or loraga_init (it keeps "
-         "plain LoRA's B A x at 0 on general inputs; DoRA's magnitude and a start with B != 0 change them anyway)"),
-        (c.replay_null_space == 0 or not (c.packing or c.neat_packing or (c.packing is None and c.stage == "pt")),
-         "replay_null_space needs rows that are not packed (packing: false): it measures the replay examples one "
-         "by one"),
+        (isinstance(c.replay_task_directions, int) and c.replay_task_directions >= 0,
+         f"replay_task_directions must be a whole number of directions >= 0, got {c.replay_task_directions}"),
+        (not (c.replay_null_space and c.replay_task_directions),
+         "replay_null_space and replay_task_directions are two ways to confine LoRA A; set one of them"),
+        (not projected or c.replay_ratio > 0,
+         f"{projected} is set but replay_ratio is 0: it is measured on the replay rows; give replay_ratio"),
+        (not projected or c.finetuning_type in ("lora", "qlora"),
+         f"{projected} needs finetuning_type lora or qlora, not {c.finetuning_type}"),
+        (not projected or not (c.use_dora or c.use_adalora or c.pissa_init or c.loraga_init),
+         f"{projected} cannot be combined with use_dora, use_adalora, pissa_init or loraga_init (it confines "
+         "plain LoRA's B A x by the inputs of each layer; DoRA's magnitude and a start with B != 0 change them "
+         "anyway)"),
+        (not projected or not (c.packing or c.neat_packing or (c.packing is None and c.stage == "pt")),
+         f"{projected} needs rows that are not packed (packing: false): it measures the examples one by one"),
         (c.val_size >= 0 and (c.val_size < 1 or float(c.val_size).is_integer()),
          f"val_size must be a fraction in [0, 1) or a whole number of examples, got {c.val_size}"),
         (bool(str(c.output_dir).strip()), "output_dir is empty"),

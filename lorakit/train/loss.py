@@ -61,6 +61,7 @@ class Distill:
 
     weight: float
     base: Callable[[], AbstractContextManager]
+    scale: float = 1.0  # each replay token's loss counts this many times a task token's (replay_loss_weight)
 
 
 def distill_problem(model: nn.Module) -> str | None:
@@ -154,8 +155,8 @@ def distilled_loss(model: nn.Module, inputs: dict, targets: torch.Tensor, mask: 
         teacher_rows = base_states(model, inputs, taught, distill)
     plain = mask & ~taught  # (B, T-1)
     loss = head_cross_entropy(hidden[:, :-1][plain], targets[plain], head, size)
-    return loss + _LinearCrossEntropy.apply(hidden[:, :-1][taught], head.weight, head.bias, targets[taught], size,
-                                            teacher_rows, distill.weight)
+    return loss + distill.scale * _LinearCrossEntropy.apply(hidden[:, :-1][taught], head.weight, head.bias,
+                                                            targets[taught], size, teacher_rows, distill.weight)
 
 
 def base_states(model: nn.Module, inputs: dict, taught: torch.Tensor, distill: Distill) -> torch.Tensor:

@@ -33,57 +33,77 @@ from ..data.batching import pad_collate
 from ..lora.inject import lora_layers
 
 MAX_BYTES = 4 << 30  # the input covariances of one run, summed while measuring (float64), at most this
-BATCH_ROWS = 16  # replay examples per no-grad forward while measuring
+BATCH_ROWS = 16  # examples per no-grad forward while measuring
+RIDGE = 1e-3  # replay_task_directions: the share of the replay energy spread evenly over every direction
 
 
 @dataclass
 class NullSpace:
-    """Per LoRA layer, its A weight (r, in) and the directions V (in, in - k) it keeps; `removed` the share of all
-    input directions taken out."""
+    """Per LoRA layer, its A weight (r, in) and the orthonormal directions V (in, m) it keeps (A <- A V V^T);
+    `removed` the share of all input directions taken out."""
 
     keep: list[tuple[torch.Tensor, torch.Tensor]]
     removed: float
 
     @torch.no_grad()
-    def project(self) -> None:
-        """A <- A V V^T for every layer."""
-        for a, v in self.keep:  # a (r, in), v (in, in - k)
+    def project(self, keep_norm: bool = False) -> None:
+        """A <- A V V^T for every layer; with `keep_norm`, each row of A is then scaled back to its norm before
+        (for the start: a random row keeps about sqrt(m / in) of its norm, and B's first steps would see that)."""
+        for a, v in self.keep:  # a (r, in), v (in, m)
+            before = a.norm(dim=1, keepdim=True) if keep_norm else None  # (r, 1)
             a.copy_((a @ v) @ v.T)
+            if before is not None:
+                a.mul_(before / a.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
 
-def planned_bytes(layers: list) -> int:
-    """What the float64 covariances would take while measuring (an upper bound: one per layer, shared or not)."""
-    return sum(m.in_features ** 2 * 8 for _, m in layers)
+def planned_bytes(layers: list, sets: int = 1) -> int:
+    """What the float64 covariances would take while measuring (an upper bound: one per layer and set of rows,
+    shared or not)."""
+    return sets * sum(m.in_features ** 2 * 8 for _, m in layers)
 
 
 def measure(model: nn.Module, items: list[dict], base: Callable[[], AbstractContextManager],
             autocast: Callable[[], AbstractContextManager], device: torch.device, pad_id: int,
-            energy: float) -> NullSpace:
-    """The null space of every LoRA linear layer's inputs on the replay items (`"replay": True`) of `items`
-    (ValueError, one line, before any forward: an embedding LoRA layer, covariances above MAX_BYTES)."""
-    if not 0 < energy < 1:
-        raise ValueError(f"replay_null_space must be in (0, 1), got {energy}")
+            energy: float = 0.0, directions: int = 0) -> NullSpace:
+    """The directions every LoRA linear layer's A keeps, from its inputs on the replay items (`"replay": True`) of
+    `items`: outside the top `energy` share of their energy (replay_null_space), or, with `directions` = k, the k
+    where the other (task) items' energy is largest relative to theirs (replay_task_directions). ValueError, one
+    line, before any forward: an embedding LoRA layer, k not below a layer's input width, covariances above
+    MAX_BYTES."""
+    key = "replay_task_directions" if directions else "replay_null_space"
+    if bool(energy) == bool(directions):
+        raise ValueError("give one of replay_null_space (a share of energy) and replay_task_directions (a count)")
+    if directions < 0 or not 0 <= energy < 1:
+        raise ValueError(f"replay_null_space must be in (0, 1) and replay_task_directions >= 1, got {energy}, "
+                         f"{directions}")
     layers = lora_layers(model)
     embedding = next((k for k, m in layers if not hasattr(m, "in_features")), None)
     if embedding is not None:  # its input is a token id, not a vector: nothing to keep A out of
-        raise ValueError(f"replay_null_space projects LoRA on linear layers only; {embedding} is an embedding "
+        raise ValueError(f"{key} projects LoRA on linear layers only; {embedding} is an embedding "
                          "(take it out of lora_target)")
-    planned = planned_bytes(layers)
+    narrow = next(((k, m.in_features) for k, m in layers if directions >= m.in_features), None)
+    if narrow is not None:
+        raise ValueError(f"replay_task_directions {directions} must be below the input width of every LoRA layer; "
+                         f"{narrow[0]} reads {narrow[1]}")
+    planned = planned_bytes(layers, 2 if directions else 1)
     if planned > MAX_BYTES:
-        raise ValueError(f"replay_null_space would sum {planned / 2**30:.1f} GB of input covariances (float64, one "
-                         f"per LoRA layer) while measuring, above its {MAX_BYTES / 2**30:.1f} GB; target fewer or "
-                         "narrower layers (lora_target)")
+        raise ValueError(f"{key} would sum {planned / 2**30:.1f} GB of input covariances (float64, one per LoRA "
+                         f"layer{' and set of rows' if directions else ''}) while measuring, above its "
+                         f"{MAX_BYTES / 2**30:.1f} GB; target fewer or narrower layers (lora_target)")
     rows = [it for it in items if it.get("replay") is True]
-    if not rows:
-        raise ValueError("replay_null_space needs replay rows (replay_ratio above 0, examples not packed)")
+    task = [it for it in items if it.get("replay") is not True]
+    if not rows or (directions and not task):
+        raise ValueError(f"{key} needs replay rows and task rows (replay_ratio above 0, examples not packed)")
     sums, owner = covariances(model, layers, rows, base, autocast, device, pad_id)
-    keep, removed, total, directions = [], 0, 0, {}
-    for key, m in layers:
-        shared = owner[key]
-        if shared not in directions:
-            directions[shared] = kept_directions(sums.pop(shared), energy)
+    task_sums = covariances(model, layers, task, base, autocast, device, pad_id)[0] if directions else {}
+    keep, removed, total, kept = [], 0, 0, {}
+    for name, m in layers:
+        shared = owner[name]
+        if shared not in kept:
+            kept[shared] = task_directions(task_sums.pop(shared), sums.pop(shared), directions) if directions \
+                else kept_directions(sums.pop(shared), energy)
         a = m.lora_A[m.active_adapter].weight
-        v = directions[shared].to(device=a.device, dtype=a.dtype)  # (in, in - k)
+        v = kept[shared].to(device=a.device, dtype=a.dtype)  # (in, m)
         keep.append((a, v))
         removed, total = removed + m.in_features - v.shape[1], total + m.in_features
     return NullSpace(keep, removed / max(total, 1))
@@ -137,3 +157,23 @@ def kept_directions(c: torch.Tensor, energy: float) -> torch.Tensor:
     values = values.double().flip(0).clamp_min(0)
     k = int((torch.cumsum(values, 0) / values.sum().clamp_min(1e-300) < energy).sum()) + 1
     return vectors.flip(1)[:, k:].contiguous()
+
+
+def task_directions(task: torch.Tensor, replay: torch.Tensor, k: int, ridge: float = RIDGE) -> torch.Tensor:
+    """An orthonormal basis Q (in, k) of the top k generalized eigenvectors w of
+
+        C_t w = lambda C_r w,   C_t = task / tr(task),  C_r = replay / tr(replay), its eigenvalues >= ridge / in
+
+    the directions where the task's input energy is largest relative to the replay rows' (the floor keeps
+    directions neither set reaches from counting as infinitely the task's, and absorbs the rounding of the sums).
+    With C_r = E diag(l) E^T and the whitening S = E diag(l)^-1/2: M = S^T C_t S is symmetric, its top eigenvectors
+    y give w = S y. Float32 (the floor is far above its rounding)."""
+    n = task.shape[0]
+    c_t = (task / torch.trace(task).clamp_min(1e-300)).float()
+    c_r = (replay / torch.trace(replay).clamp_min(1e-300)).float()
+    values, vectors = torch.linalg.eigh(c_r)  # ascending
+    whiten = vectors / values.clamp_min(ridge / n).sqrt()  # (in, in): S
+    m = whiten.T @ c_t @ whiten
+    _, y = torch.linalg.eigh((m + m.T) / 2)  # ascending
+    q, _ = torch.linalg.qr(whiten @ y[:, -k:])  # (in, k)
+    return q.contiguous()

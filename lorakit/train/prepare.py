@@ -177,7 +177,8 @@ def prepare_data(cfg: TrainConfig, records: list[dict], tokenizer, replay: Repla
             rows, _ = encode_records([record], tokenizer, template, cutoff_len=cfg.cutoff_len)
             if not rows:
                 return None
-            marked = cfg.replay_kl_weight or cfg.replay_null_space  # the KL term and the null space read the mark
+            # the KL term, the null space and the task directions read the mark
+            marked = cfg.replay_kl_weight or cfg.replay_null_space or cfg.replay_task_directions
             return {**rows[0], "replay": True} if marked else rows[0]
 
         train, line = mix_replay(train, replay.records, cfg.replay_ratio, cfg.seed, encode)

@@ -114,8 +114,9 @@ def plan_for(cfg: TrainConfig) -> Plan:
         raise ValueError("replay_kl_weight with FSDP2 is refused: the base's forward runs only on ranks whose "
                          "micro-batch holds replay rows, and FSDP2 needs the same forwards (all-gathers) on every "
                          "rank; drop fsdp/deepspeed ZeRO 3 (it runs as DDP)")
-    if plan.mode == "fsdp" and cfg.replay_null_space:
-        raise ValueError("replay_null_space with FSDP2 is refused: it projects every whole LoRA A after each step, "
+    projected = "replay_null_space" if cfg.replay_null_space else "replay_task_directions"
+    if plan.mode == "fsdp" and (cfg.replay_null_space or cfg.replay_task_directions):
+        raise ValueError(f"{projected} with FSDP2 is refused: it projects every whole LoRA A after each step, "
                          "and FSDP2 shards them; drop fsdp/deepspeed ZeRO 3 (it runs as DDP)")
     return plan
 

@@ -135,11 +135,11 @@ class Trainer:
         self.ranks = RankAllocation(trainable.lora, total) if cfg.use_adalora else None  # AdaLoRA's schedule
         self.inside_step = False  # from a step's boundary until its optimizer step is done
         self.chunked = True
-        self.distill = Distill(cfg.replay_kl_weight, trainable.lora.disable_adapter) \
+        self.distill = Distill(cfg.replay_kl_weight, trainable.lora.disable_adapter, cfg.replay_loss_weight) \
             if cfg.replay_kl_weight and trainable.lora is not None else None  # replay rows learn the base too
         self.teacher: TeacherStates | None = None  # the base's states on replay rows, once (`keep_teacher_states`)
         self.teacher_note = ""  # the start-up line about them
-        self.null_space: NullSpace | None = None  # replay_null_space's directions per LoRA layer (`keep_null_space`)
+        self.null_space: NullSpace | None = None  # the directions each LoRA A keeps (`keep_null_space`)
         self.null_space_note = ""  # the start-up line about them
         self.window = {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}  # since the last metrics line
         self.run_tokens, self.run_seconds, self.run_losses = 0, 0.0, []  # this process's steps
@@ -244,7 +244,7 @@ class Trainer:
             self.optimizer.step()
         if self.ranks is not None:  # AdaLoRA's budget and masks, with this step's gradients
             self.ranks.after_optimizer_step(self.step)
-        if self.null_space is not None:  # A back outside the replay rows' input directions
+        if self.null_space is not None:  # A back onto the directions it keeps
             self.null_space.project()
         self.optimizer.zero_grad(set_to_none=True)
         ended_epoch = self.complete_step(indices)
@@ -271,19 +271,22 @@ class Trainer:
                              f"{time.perf_counter() - start:.1f} s), not at every step")
 
     def keep_null_space(self) -> None:
-        """replay_null_space: measure the directions every LoRA A must stay out of (null_space.py) and project A
-        onto the rest now, before the first step (B is 0 there, so the model is unchanged); `null_space_note`."""
-        energy = self.cfg.replay_null_space
-        if not energy:
+        """replay_null_space / replay_task_directions: measure the directions every LoRA A keeps (null_space.py)
+        and project A onto them now, before the first step (B is 0 there, so the model is unchanged);
+        `null_space_note`."""
+        energy, directions = self.cfg.replay_null_space, self.cfg.replay_task_directions
+        if not (energy or directions):
             return
         start = time.perf_counter()
         self.null_space = measure_null_space(self.model, self.data.items, self.trainable.lora.disable_adapter,
-                                             self.autocast, self.device, self.pad_id, energy)
-        self.null_space.project()
-        self.null_space_note = (f"null space: every LoRA A kept out of the input directions holding {energy:g} of the "
-                                f"replay rows' input energy ({len(self.null_space.keep)} layers, "
-                                f"{self.null_space.removed:.0%} of their input directions, "
-                                f"{time.perf_counter() - start:.1f} s)")
+                                             self.autocast, self.device, self.pad_id, energy, directions)
+        self.null_space.project(keep_norm=bool(directions))
+        took = f"{len(self.null_space.keep)} layers, {time.perf_counter() - start:.1f} s"
+        self.null_space_note = (
+            f"task directions: every LoRA A kept in the {directions} input directions per layer where the task "
+            f"rows' input energy is largest relative to the replay rows' ({took})" if directions else
+            f"null space: every LoRA A kept out of the input directions holding {energy:g} of the replay rows' "
+            f"input energy ({took}, {self.null_space.removed:.0%} of their input directions)")
 
     def forward_loss(self, batch: dict) -> tuple[torch.Tensor, int]:
         """(loss summed over label tokens, their count): through DDP / FSDP2 with several ranks."""
