@@ -13,6 +13,9 @@ with the base's own greedy answer), every sequence as the demo's template encode
 span(U) alone moves KB inputs by their `outside` share and probe inputs by theirs: the ratio of the two is how
 much more an update can move the one than the other, linearly.
 
+The same for replay_task_directions' subspace (lorakit.train.null_space.task_directions, from the training pairs'
+and the replay rows' sums): Q = the top TASK_K generalized eigenvectors, inside(X) = sum ||Q Q^T x||^2 / sum ||x||^2.
+
     python bench/input_overlap.py --pool saves/.lorakit-replay/self-replay-<key>.json   # the demo's pool
 """
 
@@ -29,6 +32,7 @@ import common
 
 NAME = "input_overlap"
 ENERGY = 0.99
+TASK_K = 16
 BATCH = 16
 
 
@@ -70,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     from lorakit.data import get_template
     from lorakit.lora.inject import lora_layers
     from lorakit.models import load_model
-    from lorakit.train.null_space import kept_directions
+    from lorakit.train.null_space import kept_directions, task_directions
 
     cfg, _ = demo.load_config(demo.CONFIG, [])
     model, tokenizer, _ = load_model(None, dtype="float32")
@@ -98,11 +102,17 @@ def main(argv: list[str] | None = None) -> int:
         outside = v @ v.T  # I - U U^T
         share = {name: float(torch.trace(outside @ sums[name][key] @ outside) / torch.trace(sums[name][key]))
                  for name in ("kb_train", "kb_heldout", "probes")}
+        q = task_directions(sums["kb_train"][key], sums["replay"][key], TASK_K).double()  # (in, k)
+        inside = q @ q.T
+        within = {name: float(torch.trace(inside @ sums[name][key] @ inside) / torch.trace(sums[name][key]))
+                  for name in ("kb_heldout", "probes")}
         found = re.search(r"layers\.(\d+)\..*\.(\w+)$", key)
         rows.append({"layer": int(found.group(1)), "module": found.group(2),
                      "removed_directions": m.in_features - v.shape[1], "in": m.in_features,
                      **{f"outside_{name}": value for name, value in share.items()},
-                     "ratio_heldout_probes": share["kb_heldout"] / share["probes"]})
+                     "ratio_heldout_probes": share["kb_heldout"] / share["probes"],
+                     **{f"task_inside_{name}": value for name, value in within.items()},
+                     "task_ratio_heldout_probes": within["kb_heldout"] / within["probes"]})
     by_module = {}
     for module in common.TARGETS:
         ratios = [r["ratio_heldout_probes"] for r in rows if r["module"] == module]
@@ -111,16 +121,26 @@ def main(argv: list[str] | None = None) -> int:
                                  r["outside_kb_heldout"] for r in rows if r["module"] == module),
                              "median_outside_probes": statistics.median(
                                  r["outside_probes"] for r in rows if r["module"] == module)}
+    for module in common.TARGETS:
+        ratios = [r["task_ratio_heldout_probes"] for r in rows if r["module"] == module]
+        by_module[module].update({"task_median": statistics.median(ratios), "task_min": min(ratios),
+                                  "task_max": max(ratios), "task_median_inside_kb_heldout": statistics.median(
+                                      r["task_inside_kb_heldout"] for r in rows if r["module"] == module)})
     lines = [[m, f"{v['median_outside_kb_heldout']:.3f}", f"{v['median_outside_probes']:.3f}",
               f"{v['median']:.2f}", f"{v['min']:.2f}-{v['max']:.2f}"] for m, v in by_module.items()]
     md = (f"### Input energy outside the {ENERGY:.0%} subspace of the replay rows' inputs, per LoRA layer "
           f"(median over the {len(rows) // len(common.TARGETS)} layers)\n\n"
           + common.table(["module", "KB held-out", "probes", "ratio (median)", "ratio (range over layers)"], lines)
+          + f"\n\nInside replay_task_directions' {TASK_K} directions:\n\n"
+          + common.table(["module", "KB held-out", "ratio (median)", "ratio (range over layers)"],
+                         [[m, f"{v['task_median_inside_kb_heldout']:.3f}", f"{v['task_median']:.2f}",
+                           f"{v['task_min']:.2f}-{v['task_max']:.2f}"] for m, v in by_module.items()])
           + f"\n\nPool: {Path(args.pool).name} ({len(pool)} rows). "
           f"Machine: {common.describe_machine(common.machine())}.")
     print(md)
     out = common.results_dir(False) / f"{NAME}.json"
     out.write_text(json.dumps({"machine": common.machine(), "pool": Path(args.pool).name, "energy": ENERGY,
+                               "task_k": TASK_K,
                                "by_module": by_module, "layers": rows, "markdown": md}, indent=1) + "\n")
     return 0
 

@@ -131,10 +131,12 @@ def test_a_run_with_the_kl_term_trains_and_says_so(tmp_path, capsys):
     general = tmp_path / "general.jsonl"  # the replay rows: other conversations than the task's
     general.write_text("".join(json.dumps({"instruction": q, "output": a}) + "\n" for q, a in GENERAL))
     cfg, _ = load_config(None, [f"model_name_or_path={model_dir}", f"dataset={facts}", f"replay_dataset={general}",
-                                "replay_ratio=0.5", "replay_kl_weight=0.5", f"output_dir={tmp_path / 'out'}",
-                                "max_steps=3", "plot_loss=false", "save_strategy=no", "bf16=false"])
+                                "replay_ratio=0.5", "replay_kl_weight=0.5", "replay_loss_weight=2",
+                                f"output_dir={tmp_path / 'out'}", "max_steps=3", "plot_loss=false",
+                                "save_strategy=no", "bf16=false"])
     assert train(cfg)["status"] == "completed"
-    assert "KL to the base on their labels, weight 0.5" in capsys.readouterr().err
+    said = capsys.readouterr().err
+    assert "KL to the base on their labels, weight 0.5; each of their tokens' loss counted 2 times" in said
 
 
 GENERAL = [("Say hello.", "Hello there, how can I help?"), ("Count to three.", "One, two, three."),

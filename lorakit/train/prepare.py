@@ -183,6 +183,8 @@ def prepare_data(cfg: TrainConfig, records: list[dict], tokenizer, replay: Repla
 
         train, line = mix_replay(train, replay.records, cfg.replay_ratio, cfg.seed, encode)
         kl = f"; KL to the base on their labels, weight {cfg.replay_kl_weight:g}" if cfg.replay_kl_weight else ""
+        kl += f"; each of their tokens' loss counted {cfg.replay_loss_weight:g} times" \
+            if cfg.replay_loss_weight != 1 else ""
         stats = {**stats, "replay": f"{line}{kl}; {replay.source}"}
     items = pack_examples(train, cfg.cutoff_len) if cfg.packing else train
     return Data(items, val, stats, len(train), bool(cfg.packing))
