@@ -186,6 +186,14 @@ LEVERS = [  # in the order they run
     ("demo-div12-null-0.99-lr4e-3-rw3", "demo-div12-null-0.99-lr3e-3-rw3 at lr 4e-3",
      demo_with(num_train_epochs="3", learning_rate="4e-3", dataset_dir="{kb:div12}", replay_null_space="0.99",
                replay_loss_weight="3")),
+    ("demo-div12-null-0.99-lr3e-3-rw2", "the demo recipe (12 phrasings, null space 0.99, lr 3e-3) with every "
+     "replay token's loss counted twice (replay_loss_weight 2)",
+     demo_with(num_train_epochs="3", learning_rate="3e-3", dataset_dir="{kb:div12}", replay_null_space="0.99",
+               replay_loss_weight="2")),
+    ("demo-div12-null-0.99-lr3e-3-rw3-seed1", "demo-div12-null-0.99-lr3e-3-rw3 with seed 1 (another draw of the "
+     "replay rows, the shuffles and A's start)",
+     demo_with(num_train_epochs="3", learning_rate="3e-3", dataset_dir="{kb:div12}", replay_null_space="0.99",
+               replay_loss_weight="3", seed="1")),
     ("alpaca-0.3-3ep", "replay_dataset alpaca_en_demo 30 %, 3 epochs",
      ["learning_rate=3e-3", "num_train_epochs=3", "self_replay=false", "replay_kl_weight=0",
       "replay_dataset={alpaca}", "replay_ratio=0.3"]),

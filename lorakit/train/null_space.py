@@ -1,4 +1,5 @@
-"""Keeping LoRA's update off the inputs general text produces: `replay_null_space: e` (a share of energy).
+"""Keeping LoRA's update off the inputs general text produces: `replay_null_space: e` (a share of energy) and
+`replay_task_directions: k` (a count of directions).
 
 A LoRA layer changes its output by s B A x, linearly in its input x. For every LoRA linear layer, from the base
 model's inputs on the run's replay rows (adapters off, the run's autocast, every non-padding token):
@@ -12,6 +13,11 @@ x in span(U): on inputs like the replay rows' the layer computes what the base d
 what lies outside them (the task's own directions) moves the output. The null-space idea of knowledge editing
 (an edit constrained to leave the keys of preserved knowledge alone), on LoRA's down-projection. The projected A is
 an ordinary A: the saved adapter is plain PEFT LoRA.
+
+`replay_task_directions: k` keeps A inside directions instead of out of them: the base also runs over the task
+rows (C_task the same sum over them), and V = Q (in, k), an orthonormal basis of the top k generalized
+eigenvectors of C_task w = lambda C_replay w (`task_directions`): where the task's input energy is largest relative
+to the replay rows'. The first projection scales A's rows back to their norms.
 
 Layers that read the same input tensor (q, k and v; gate and up) share one C and one V. What is kept while
 measuring (every C at once, `in^2` float64 each) is checked against MAX_BYTES before the forward runs; V is kept
@@ -34,7 +40,7 @@ from ..lora.inject import lora_layers
 
 MAX_BYTES = 4 << 30  # the input covariances of one run, summed while measuring (float64), at most this
 BATCH_ROWS = 16  # examples per no-grad forward while measuring
-RIDGE = 1e-3  # replay_task_directions: the share of the replay energy spread evenly over every direction
+RIDGE = 1e-3  # replay_task_directions: C_replay's eigenvalues floored at RIDGE / in of its trace
 
 
 @dataclass
