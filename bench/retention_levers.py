@@ -52,6 +52,15 @@ def demo_with(**changes: str) -> list[str]:
     return [f"{k}={v}" for k, v in {**DEMO, **changes}.items()]
 
 
+# today's demo/train.yaml against DEMO: 12 phrasings per fact, 3 epochs at lr 3e-3, null space 0.99
+TODAY = {"num_train_epochs": "3", "learning_rate": "3e-3", "dataset_dir": "{kb:div12}", "replay_null_space": "0.99"}
+
+
+def today_with(**changes: str) -> list[str]:
+    """Today's demo recipe's overrides with some keys changed."""
+    return demo_with(**{**TODAY, **changes})
+
+
 LEVERS = [  # in the order they run
     ("recipe-0", "the first demo recipe: lr 3e-3, 5 epochs, rank 16, all linear layers", BASE),
     ("self-0.3-fast", "self-replay 30 % (answers <= 32 tokens), 3 epochs of batch 4",
@@ -151,49 +160,28 @@ LEVERS = [  # in the order they run
      "orthogonal to the inputs holding 99 % of the replay rows' energy",
      demo_with(num_train_epochs="3", learning_rate="2e-3", dataset_dir="{kb:div10}") + ["replay_null_space=0.99"]),
     ("demo-div12-null-0.99-lr4e-3", "12 questions and 4 replies per fact, 3 epochs at lr 4e-3, replay_null_space "
-     "0.99", demo_with(num_train_epochs="3", learning_rate="4e-3", dataset_dir="{kb:div12}", replay_null_space="0.99")),
+     "0.99", today_with(learning_rate="4e-3")),
     ("demo-div12-null-0.995-lr3e-3", "12 questions and 4 replies per fact, 3 epochs at lr 3e-3, replay_null_space "
-     "0.995", demo_with(num_train_epochs="3", learning_rate="3e-3", dataset_dir="{kb:div12}",
-                        replay_null_space="0.995")),
+     "0.995", today_with(replay_null_space="0.995")),
     ("demo-div12-null-0.99-lr2e-3-key", "demo-div12-null-0.99-lr2e-3 again, on the replay_null_space key",
-     demo_with(num_train_epochs="3", learning_rate="2e-3", dataset_dir="{kb:div12}", replay_null_space="0.99")),
+     today_with(learning_rate="2e-3")),
     ("demo-div12-null-0.99-lr3e-3-key", "demo-div12-null-0.99-lr3e-3 again, on the replay_null_space key",
-     demo_with(num_train_epochs="3", learning_rate="3e-3", dataset_dir="{kb:div12}", replay_null_space="0.99")),
+     today_with()),
     ("demo-div12-task16-lr3e-3", "12 questions and 4 replies per fact, 3 epochs at lr 3e-3, replay_task_directions "
-     "16", demo_with(num_train_epochs="3", learning_rate="3e-3", dataset_dir="{kb:div12}",
-                     replay_task_directions="16")),
+     "16", today_with(replay_null_space="0", replay_task_directions="16")),
     ("demo-div12-task64-lr3e-3", "12 questions and 4 replies per fact, 3 epochs at lr 3e-3, replay_task_directions "
-     "64", demo_with(num_train_epochs="3", learning_rate="3e-3", dataset_dir="{kb:div12}",
-                     replay_task_directions="64")),
+     "64", today_with(replay_null_space="0", replay_task_directions="64")),
     ("demo-div12-task16-lr3e-3-rw3", "demo-div12-task16-lr3e-3 with every replay token's loss counted 3 times "
-     "(replay_loss_weight 3)", demo_with(num_train_epochs="3", learning_rate="3e-3", dataset_dir="{kb:div12}",
-                                         replay_task_directions="16", replay_loss_weight="3")),
-    ("demo-div12-null-0.99-lr3e-3-rw3", "the demo recipe (12 phrasings, null space 0.99, lr 3e-3) with every replay "
-     "token's loss counted 3 times (replay_loss_weight 3)",
-     demo_with(num_train_epochs="3", learning_rate="3e-3", dataset_dir="{kb:div12}", replay_null_space="0.99",
-               replay_loss_weight="3")),
-    ("demo-div12-null-0.99-lr3e-3-rw10", "the demo recipe (12 phrasings, null space 0.99, lr 3e-3) with every "
-     "replay token's loss counted 10 times (replay_loss_weight 10)",
-     demo_with(num_train_epochs="3", learning_rate="3e-3", dataset_dir="{kb:div12}", replay_null_space="0.99",
-               replay_loss_weight="10")),
-    ("demo-div12-null-0.99-lr3e-3-rw5", "the demo recipe (12 phrasings, null space 0.99, lr 3e-3) with every "
-     "replay token's loss counted 5 times (replay_loss_weight 5)",
-     demo_with(num_train_epochs="3", learning_rate="3e-3", dataset_dir="{kb:div12}", replay_null_space="0.99",
-               replay_loss_weight="5")),
-    ("demo-div12-null-0.99-lr3.5e-3-rw3", "demo-div12-null-0.99-lr3e-3-rw3 at lr 3.5e-3",
-     demo_with(num_train_epochs="3", learning_rate="3.5e-3", dataset_dir="{kb:div12}", replay_null_space="0.99",
-               replay_loss_weight="3")),
-    ("demo-div12-null-0.99-lr4e-3-rw3", "demo-div12-null-0.99-lr3e-3-rw3 at lr 4e-3",
-     demo_with(num_train_epochs="3", learning_rate="4e-3", dataset_dir="{kb:div12}", replay_null_space="0.99",
-               replay_loss_weight="3")),
+     "(replay_loss_weight 3)", today_with(replay_null_space="0", replay_task_directions="16", replay_loss_weight="3")),
+    *[(f"demo-div12-null-0.99-lr3e-3-rw{w}", "the demo recipe (12 phrasings, null space 0.99, lr 3e-3) with every "
+       f"replay token's loss counted {w} times (replay_loss_weight {w})", today_with(replay_loss_weight=w))
+      for w in ("3", "10", "5")],
+    *[(f"demo-div12-null-0.99-lr{lr}-rw3", f"demo-div12-null-0.99-lr3e-3-rw3 at lr {lr}",
+       today_with(learning_rate=lr, replay_loss_weight="3")) for lr in ("3.5e-3", "4e-3")],
     ("demo-div12-null-0.99-lr3e-3-rw2", "the demo recipe (12 phrasings, null space 0.99, lr 3e-3) with every "
-     "replay token's loss counted twice (replay_loss_weight 2)",
-     demo_with(num_train_epochs="3", learning_rate="3e-3", dataset_dir="{kb:div12}", replay_null_space="0.99",
-               replay_loss_weight="2")),
+     "replay token's loss counted twice (replay_loss_weight 2)", today_with(replay_loss_weight="2")),
     ("demo-div12-null-0.99-lr3e-3-rw3-seed1", "demo-div12-null-0.99-lr3e-3-rw3 with seed 1 (another draw of the "
-     "replay rows, the shuffles and A's start)",
-     demo_with(num_train_epochs="3", learning_rate="3e-3", dataset_dir="{kb:div12}", replay_null_space="0.99",
-               replay_loss_weight="3", seed="1")),
+     "replay rows, the shuffles and A's start)", today_with(replay_loss_weight="3", seed="1")),
     ("alpaca-0.3-3ep", "replay_dataset alpaca_en_demo 30 %, 3 epochs",
      ["learning_rate=3e-3", "num_train_epochs=3", "self_replay=false", "replay_kl_weight=0",
       "replay_dataset={alpaca}", "replay_ratio=0.3"]),
