@@ -198,3 +198,7 @@ def test_replay_rows_are_named_as_not_counted(tiny, capsys):
     out = capsys.readouterr().out
     assert "replay_ratio 0.5 adds 12 replay rows to every epoch" in out and "about 2.00 times the steps" in out
     assert "replay_kl_weight keeps the base's hidden states" in out and "replay_null_space sums" in out
+    assert main(["estimate", *keys, f"replay_dataset={tiny['data']}", "replay_ratio=0.5", "replay_kl_weight=1",
+                 "replay_task_directions=4"]) == 0
+    assert "replay_task_directions sums an (in x in) float64 input covariance per LoRA layer input over the task " \
+        "and the replay rows" in capsys.readouterr().out

@@ -144,8 +144,8 @@ def replay_notes(cfg: TrainConfig, data: DataSize) -> list[str]:
                    f"(at most {MAX_BYTES >> 20} MB; the start-up line gives their size)")
     if cfg.replay_null_space or cfg.replay_task_directions:
         key = "replay_null_space" if cfg.replay_null_space else "replay_task_directions"
-        sums = "two (task and replay rows)" if cfg.replay_task_directions else "an"
-        out.append(f"not counted: {key} sums {sums} (in x in) float64 input covariance per LoRA layer input "
+        rows = "the task and the replay rows" if cfg.replay_task_directions else "the replay rows"
+        out.append(f"not counted: {key} sums an (in x in) float64 input covariance per LoRA layer input over {rows} "
                    "before the first step (the start-up line says how long it took)")
     return out
 
