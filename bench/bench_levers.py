@@ -5,6 +5,11 @@ optimizer), A/B/A/B... so that load from other processes hits all variants alike
 seconds and the speed-up over the variant it changes. LoRA r=16 all-linear on the default model.
 
     python bench/bench_levers.py [--smoke] [--rounds R]
+    python bench/bench_levers.py --attention     # SDPA forward + backward in bf16 and fp32 by row length
+
+--attention times one layer's attention (4 rows, the default model's 9 query and 3 key/value heads of 64, causal) in
+bf16 and in fp32 at several row lengths: where the CPU attention of `lorakit.train.attention` switches to fp32
+(FP32_UP_TO) comes from this table (results: bench/results/levers_attention.json).
 """
 
 from __future__ import annotations
@@ -33,7 +38,12 @@ VARIANTS = [
      "bf16 autocast, packed, chunked, fp32 base", {"packing": True, "chunked": True, "amp": True, "bf16_base": True}),
     ("bf16, packed, chunked, bf16 base, attention per example", "attention per example inside a packed row",
      "bf16 autocast, packed, chunked, bf16 base",
-     {"packing": True, "chunked": True, "amp": True, "bf16_base": True, "packed_attention": True}),
+     {"packing": True, "chunked": True, "amp": True, "bf16_base": True, "cpu_attention": True}),
+    ("bf16, padded x4, chunked, bf16 base", "the padded micro-batches of 4 (the demo's) in bf16 autocast",
+     "fp32, padded x4, head on labels, chunked", {"packing": False, "chunked": True, "amp": True, "bf16_base": True}),
+    ("bf16, padded x4, chunked, bf16 base, fp32 attention", "their attention in fp32 (rows of at most 256 tokens)",
+     "bf16, padded x4, chunked, bf16 base",
+     {"packing": False, "chunked": True, "amp": True, "bf16_base": True, "cpu_attention": True}),
 ]
 
 
@@ -42,7 +52,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="tiny model from a config, one round, no download")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--examples", type=int, default=16, help="demo examples per pass")
+    p.add_argument("--attention", action="store_true", help="SDPA in bf16 against fp32 by row length instead")
     return p.parse_args(argv)
+
+
+ROW_LENGTHS = (40, 64, 128, 256, 512)
+
+
+def attention_ms(length: int, dtype, repeats: int = 12) -> float:
+    """Median ms of SDPA forward + backward on (4, 9, length, 64) queries against 3 grouped key/value heads."""
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(4, 9, length, 64, generator=g).to(dtype).requires_grad_()
+    k, v = (torch.randn(4, 3, length, 64, generator=g).to(dtype).requires_grad_() for _ in range(2))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).sum().backward()
+        times.append((time.perf_counter() - start) * 1e3)
+    return common.median(times)
+
+
+def attention_table(smoke: bool) -> int:
+    import torch
+
+    machine = common.machine()
+    lengths = ROW_LENGTHS[:2] if smoke else ROW_LENGTHS
+    rows = []
+    for n in lengths:
+        bf16, fp32 = attention_ms(n, torch.bfloat16), attention_ms(n, torch.float32)
+        rows.append({"tokens": n, "bf16_ms": bf16, "fp32_ms": fp32})
+    md = (f"### One layer's attention, forward + backward (4 rows, 9 query / 3 key-value heads of 64, causal), "
+          f"{common.torch_threads()} thread(s), median of 12\n\n"
+          + common.table(["row length", "bf16 ms", "fp32 ms", "fp32 vs bf16"],
+                         [[r["tokens"], r["bf16_ms"], r["fp32_ms"], f"{r['bf16_ms'] / r['fp32_ms']:.2f}x"]
+                          for r in rows])
+          + f"\n\nMachine: {common.describe_machine(machine)}.")
+    print(md)
+    common.write_results(f"{NAME}_attention", {"machine": machine, "rows": rows}, md, smoke)
+    return 0
 
 
 def setup(smoke: bool, n: int = 16):
@@ -74,11 +124,11 @@ def one_pass(model, pad_id: int, examples: list[dict], settings: dict) -> float:
     import torch
 
     from lorakit.data import collate_packed, pack_examples, pad_collate
-    from lorakit.train.attention import NAME, use_packed_attention
+    from lorakit.train.attention import NAME, use_cpu_attention
     from lorakit.train.loss import causal_lm_loss
 
-    use_packed_attention(model)  # registers it; each variant then picks its attention by name
-    model.config._attn_implementation = NAME if settings.get("packed_attention") else "sdpa"
+    use_cpu_attention(model)  # registers it; each variant then picks its attention by name
+    model.config._attn_implementation = NAME if settings.get("cpu_attention") else "sdpa"
     if settings["packing"]:
         batches = [collate_packed([row], pad_id) for row in pack_examples(examples, 512)]
     else:
@@ -97,6 +147,8 @@ def one_pass(model, pad_id: int, examples: list[dict], settings: dict) -> float:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     common.setup_path()
+    if args.attention:
+        return attention_table(args.smoke)
     machine = common.machine()
     model, bf16_model, pad_id, examples = setup(args.smoke, args.examples)
     tokens = sum(len(e["input_ids"]) for e in examples)

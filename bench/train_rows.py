@@ -9,7 +9,7 @@ only in how the step is computed:
   loss over full (B, T, vocab) logits; in the bf16 pair the model is loaded in bf16 as LLaMA-Factory does with
   `bf16: true` (PEFT keeps the adapters in fp32), under the same autocast.
 - lorakit: `get_lora_model`, the step's examples packed into rows of <= cutoff_len tokens (one row per
-  micro-batch, no padding inside a row), attention run per example inside a row (`use_packed_attention`), the
+  micro-batch, no padding inside a row), attention run per example inside a row (`use_cpu_attention`), the
   output head only on label tokens in chunks (`causal_lm_loss`), and under bf16 autocast the frozen base weights
   kept in bf16 (`store_frozen_base`), and token counts rounded up to a few sizes (`shape_bucket`).
 """
@@ -166,9 +166,9 @@ class LorakitImpl:
         amp = torch.bfloat16 if spec["precision"] == "bf16" else None
         self.round_width = shape_bucket(spec.get("device", "cpu"), amp)
         if self.packing and spec.get("packed_attention", True):
-            from lorakit.train.attention import use_packed_attention
+            from lorakit.train.attention import use_cpu_attention
 
-            use_packed_attention(self.model)
+            use_cpu_attention(self.model)
 
     def micro_batches(self, examples: list[dict]):
         from lorakit.data import collate_packed, pack_examples, pad_collate

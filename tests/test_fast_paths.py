@@ -196,7 +196,7 @@ def _packed_batch(lengths=(5, 9, 3, 12, 7), width: int = 24) -> tuple[dict, list
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 def test_packed_attention_per_example_matches_the_masked_route(arch, autocast, monkeypatch):
     from lorakit.train import attention
-    from lorakit.train.attention import NAME, use_packed_attention
+    from lorakit.train.attention import NAME, use_cpu_attention
 
     model = _sdpa_lora(arch)
     batch, _ = _packed_batch()
@@ -210,7 +210,7 @@ def test_packed_attention_per_example_matches_the_masked_route(arch, autocast, m
         return total / count, torch.autograd.grad(total / count, params)
 
     want, want_grads = run()
-    assert use_packed_attention(model) and model.config._attn_implementation == NAME
+    assert use_cpu_attention(model) and model.config._attn_implementation == NAME
     monkeypatch.setattr(attention, "_sdpa", lambda: pytest.fail("a packed batch took the masked route"))
     got, grads = run()
     tol = {"rtol": 2e-2, "atol": 2e-2} if autocast else {"rtol": 1e-5, "atol": 1e-6}
@@ -220,7 +220,7 @@ def test_packed_attention_per_example_matches_the_masked_route(arch, autocast, m
 
 
 def test_packed_attention_keeps_examples_apart_and_leaves_other_calls_alone():
-    from lorakit.train.attention import mark_packed, use_packed_attention
+    from lorakit.train.attention import mark_packed, use_cpu_attention
 
     model = _sdpa_lora("llama").eval()
     batch, examples = _packed_batch()
@@ -228,7 +228,7 @@ def test_packed_attention_keeps_examples_apart_and_leaves_other_calls_alone():
     mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
     with torch.no_grad():
         padded_before = model(input_ids=ids, attention_mask=mask).logits
-        use_packed_attention(model)
+        use_cpu_attention(model)
         mark_packed(batch["position_ids"])
         hidden = model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                              use_cache=False).last_hidden_state  # (2, 24, H)
@@ -251,7 +251,7 @@ def test_packed_attention_keeps_examples_apart_and_leaves_other_calls_alone():
 
 def test_packed_attention_survives_gradient_checkpointing(monkeypatch):
     from lorakit.train import attention
-    from lorakit.train.attention import use_packed_attention
+    from lorakit.train.attention import use_cpu_attention
 
     model = _sdpa_lora("llama")
     batch, _ = _packed_batch()
@@ -261,7 +261,7 @@ def test_packed_attention_survives_gradient_checkpointing(monkeypatch):
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     model.train()
-    use_packed_attention(model)
+    use_cpu_attention(model)
     monkeypatch.setattr(attention, "_sdpa", lambda: pytest.fail("the recompute took the masked route"))
     total, count = causal_lm_loss(model, batch)  # the recompute in backward sees the same marked position ids
     for g, w in zip(torch.autograd.grad(total / count, params), want):
@@ -269,10 +269,10 @@ def test_packed_attention_survives_gradient_checkpointing(monkeypatch):
 
 
 def test_packed_attention_only_switches_sdpa_models():
-    from lorakit.train.attention import use_packed_attention
+    from lorakit.train.attention import use_cpu_attention
 
     eager = _lora("llama")  # built with eager attention
-    assert not use_packed_attention(eager)
+    assert not use_cpu_attention(eager)
     assert eager.config._attn_implementation == "eager"
 
 
@@ -332,10 +332,10 @@ def test_cpu_pieces_give_the_whole_micro_batch_gradient(packed, multiple, monkey
 
 
 def test_packed_attention_runs_spans_in_fp32_with_autocast_off(monkeypatch):
-    from lorakit.train.attention import use_packed_attention
+    from lorakit.train.attention import use_cpu_attention
 
     model = _sdpa_lora("qwen2")  # grouped key/value heads
-    use_packed_attention(model)
+    use_cpu_attention(model)
     batch, _ = _packed_batch()
     seen = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -353,6 +353,50 @@ def test_packed_attention_runs_spans_in_fp32_with_autocast_off(monkeypatch):
     # autocast would cast the spans back to bf16 (oneDNN then compiles kernels for every span length)
     assert seen and set(seen) == {(torch.float32, torch.float32, torch.float32, False)}
     assert outputs == [torch.bfloat16]  # what transformers' SDPA returns under autocast
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: grouped key/value heads
+def test_short_padded_rows_attend_in_fp32_under_autocast_and_long_ones_in_bf16(arch, monkeypatch):
+    from lorakit.data import pad_collate
+    from lorakit.train import attention
+    from lorakit.train.attention import NAME, use_cpu_attention
+
+    model = _sdpa_lora(arch)
+    g = torch.Generator().manual_seed(6)
+    examples = [{"input_ids": (ids := torch.randint(3, VOCAB, (n,), generator=g).tolist()),
+                 "labels": [-100] * 2 + ids[2:]} for n in (5, 11, 3, 9)]
+    batch = pad_collate(examples, 0)  # right-padded: transformers builds a mask
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run(dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            total, count = causal_lm_loss(model, batch)
+        return total / count, torch.autograd.grad(total / count, params)
+
+    fp32_loss, fp32_grads = run(None)  # the reference: no autocast at all
+    bf16_loss, _ = run()  # transformers' SDPA under autocast: attention in bf16
+    assert use_cpu_attention(model) and model.config._attn_implementation == NAME
+    seen, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype, torch.is_autocast_enabled("cpu")))
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    loss, grads = run()
+    assert seen and set(seen) == {(torch.float32, torch.float32, torch.float32, False)}
+    # the same attention, rounded less: at least as close to the fp32 loss as bf16 attention is
+    assert abs(float(loss - fp32_loss)) <= abs(float(bf16_loss - fp32_loss)) + 1e-3
+    for got, want in zip(grads, fp32_grads):
+        torch.testing.assert_close(got, want, rtol=5e-2, atol=5e-3)
+    seen.clear()
+    monkeypatch.setattr(attention, "FP32_UP_TO", 4)  # rows longer than this keep transformers' bf16 SDPA
+    run()
+    assert seen and all(autocast for *_, autocast in seen)  # autocast on: SDPA runs in bf16
+    seen.clear()
+    with torch.no_grad():  # without autocast nothing changes: fp32 in, transformers' SDPA
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    assert seen and all(q == torch.float32 for q, *_ in seen)
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])

@@ -8,9 +8,11 @@
                           cache use
     frozen base storage   under autocast the frozen base weights of LoRA layers are stored in the autocast dtype
                           (`precision.store_frozen_base`): the matmuls cast them anyway
-    attention per example packed rows attend example by example on a CPU (`attention.use_packed_attention`)
+    CPU attention         packed rows attend example by example on a CPU, and under autocast short rows attend in
+                          fp32 (`attention.use_cpu_attention`)
 
-Each lever leaves the loss and the gradient as they were (tests/test_fast_paths.py); what each is worth is measured
+Each lever leaves the loss and the gradient as they were, up to rounding (fp32 attention rounds less than bf16;
+tests/test_fast_paths.py); what each is worth is measured
 in bench/bench_levers.py and bench/bench_train.py and quoted in the README, not here.
 """
 
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ..device import shape_bucket
-from .attention import use_packed_attention
+from .attention import use_cpu_attention
 from .precision import store_frozen_base
 
 CPU_SPLIT_ABOVE = 1024  # tokens (rows x width) above which a micro-batch runs in pieces on a CPU
@@ -62,15 +64,15 @@ def row_pieces(batch: dict, device: torch.device, round_width: Callable[[int], i
 class ModelLevers:
     """What `apply_model_levers` switched on."""
 
-    attention_per_example: bool
+    cpu_attention: bool  # attention.cpu_sdpa_attention: packed rows per example, short rows in fp32 under autocast
     frozen_base_params: int  # frozen base weights now stored in the autocast dtype
 
 
 def apply_model_levers(model: torch.nn.Module, amp_dtype: torch.dtype | None, packed: bool,
                        lora: bool) -> ModelLevers:
     """Switch the model's levers on, once, after the fp32 checks of start-up (from here on every training forward
-    runs under the autocast of `amp_dtype`): attention per example for packed rows; the frozen base in the autocast
-    dtype for LoRA."""
-    per_example = use_packed_attention(model) if packed else False
+    runs under the autocast of `amp_dtype`): lorakit's CPU attention for packed rows or under autocast; the frozen
+    base in the autocast dtype for LoRA."""
+    cpu_attention = use_cpu_attention(model) if packed or amp_dtype is not None else False
     stored = store_frozen_base(model, amp_dtype) if amp_dtype is not None and lora else 0
-    return ModelLevers(per_example, stored)
+    return ModelLevers(cpu_attention, stored)

@@ -41,7 +41,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..device import shape_bucket
-from .attention import NAME as PACKED_ATTENTION
+from .attention import NAME as CPU_ATTENTION
 from .attention import mark_packed
 
 IGNORE_INDEX = -100
@@ -118,7 +118,7 @@ def causal_lm_loss(model: nn.Module, batch: dict, chunked: bool = True, chunk_si
     mask = targets != IGNORE_INDEX  # (B, T-1)
     count = int(mask.sum())
     packed = "position_ids" in inputs and "attention_mask" not in inputs
-    if packed and getattr(model.config, "_attn_implementation", None) == PACKED_ATTENTION:
+    if packed and getattr(model.config, "_attn_implementation", None) == CPU_ATTENTION:
         mark_packed(inputs["position_ids"])  # only then: the spans are read on the host (a sync on a GPU)
     if distill is not None and replay is not None and bool(replay.any()):
         if not chunked:

@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .attention import NAME as PACKED_ATTENTION
+from .attention import FP32_UP_TO
+from .attention import NAME as CPU_ATTENTION
 from .report import human
 
 if TYPE_CHECKING:
@@ -25,7 +26,10 @@ def startup_lines(trainer: Trainer, model: torch.nn.Module, loss_reason: str | N
     loss = "head on label tokens only, chunked" if loss_reason is None else f"model's own logits ({loss_reason})"
     checkpointing = "on" if cfg.gradient_checkpointing else "off"
     attention = getattr(model.config, "_attn_implementation", None) or "the model's default"
-    attention = "per example in packed rows (SDPA)" if attention == PACKED_ATTENTION else attention
+    if attention == CPU_ATTENTION:
+        ways = ["per example in packed rows"] if trainer.data.packed else []
+        ways += [f"in fp32 on rows of at most {FP32_UP_TO} tokens"] if trainer.amp_dtype is not None else []
+        attention = f"SDPA, {' and '.join(ways)}"
     lines.append(f"precision: {PRECISIONS[trainer.amp_dtype]}; loss: {loss}; attention: {attention}; gradient "
                  f"checkpointing: {checkpointing}")
     epochs = f"{cfg.num_train_epochs:g} epochs x " if cfg.max_steps <= 0 else "max_steps; "
