@@ -183,7 +183,7 @@ LEVERS = [  # in the order they run
     ("demo-div12-null-0.99-lr3e-3-rw3-seed1", "demo-div12-null-0.99-lr3e-3-rw3 with seed 1 (another draw of the "
      "replay rows, the shuffles and A's start)", today_with(replay_loss_weight="3", seed="1")),
     *[(f"demo-div12-null-0.99-mlp-lr{lr}", f"the demo recipe with LoRA on gate, up and down only, lr {lr}",
-       today_with(lora_target="gate_proj,up_proj,down_proj", learning_rate=lr)) for lr in ("4e-3", "6e-3")],
+       today_with(lora_target="gate_proj,up_proj,down_proj", learning_rate=lr)) for lr in ("4e-3",)],
     ("alpaca-0.3-3ep", "replay_dataset alpaca_en_demo 30 %, 3 epochs",
      ["learning_rate=3e-3", "num_train_epochs=3", "self_replay=false", "replay_kl_weight=0",
       "replay_dataset={alpaca}", "replay_ratio=0.3"]),
