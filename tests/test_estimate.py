@@ -188,17 +188,58 @@ def test_heap_factor_is_the_measured_one():
     assert CPU_HEAP_FACTOR == pytest.approx(result["heap_factor"])
 
 
-def test_replay_rows_are_named_as_not_counted(tiny, capsys):
-    """The replay rows' answers exist only once generated: the estimate counts the task and says what it leaves out."""
+def test_replay_rows_are_counted_as_the_trainer_mixes_them(tiny, tmp_path, capsys):
+    """replay_dataset's rows join the epoch's steps and tokens as the trainer mixes them; the KL term adds the base's
+    head on their labels; what happens before the first step is named as not counted."""
     keys = [f"model_name_or_path={tiny['model']}", f"dataset={tiny['data']}", "--device", "24GB"]
     assert main(["estimate", *keys]) == 0
-    assert "not counted" not in capsys.readouterr().out
-    assert main(["estimate", *keys, f"replay_dataset={tiny['data']}", "replay_ratio=0.5", "replay_kl_weight=1",
-                 "replay_null_space=0.99"]) == 0
-    out = capsys.readouterr().out
-    assert "replay_ratio 0.5 adds 12 replay rows to every epoch" in out and "about 2.00 times the steps" in out
-    assert "replay_kl_weight keeps the base's hidden states" in out and "replay_null_space sums" in out
+    assert "not counted" not in (out := capsys.readouterr().out) and "replay:" not in out
+    replay = [f"replay_dataset={tiny['data']}", "replay_ratio=0.5", "replay_kl_weight=1", "replay_null_space=0.99"]
+    assert main(["estimate", *keys, *replay, "--json"]) == 0
+    obj = json.loads(capsys.readouterr().out)
+    assert obj["data"]["replay_rows"] == 12 and obj["data"]["examples"] == 12 and obj["data"]["replay_tokens"] > 0
+    assert "counted: 12 replay rows in every epoch" in " ".join(obj["notes"])
+    assert any("replay_null_space sums" in n for n in obj["notes"])
+    assert main(["train", f"model_name_or_path={tiny['model']}", f"dataset={tiny['data']}", *replay, "max_steps=1",
+                 f"output_dir={tmp_path / 'run'}", "save_strategy=no", "report_to=none"]) == 0
+    printed = capsys.readouterr()
+    steps = next(line for line in (printed.out + printed.err).splitlines() if line.startswith("steps:"))
+    assert f"{obj['steps_per_epoch']} steps/epoch" in steps  # the trainer's own count, replay rows included
+    without_kl = estimate_for_keys({"model_name_or_path": tiny["model"], "dataset": tiny["data"],
+                                    "replay_dataset": tiny["data"], "replay_ratio": 0.5}, FAKE_CPU)
+    with_kl = estimate_for_keys({"model_name_or_path": tiny["model"], "dataset": tiny["data"],
+                                 "replay_dataset": tiny["data"], "replay_ratio": 0.5, "replay_kl_weight": 1.0},
+                                FAKE_CPU)
+    vh = with_kl.data.kl_labels * 2 * read_shape(tiny["model"])[0].vocab * read_shape(tiny["model"])[0].hidden
+    assert with_kl.data.kl_labels == with_kl.data.replay_labels > 0 and without_kl.data.kl_labels == 0
+    assert with_kl.flops_per_step * with_kl.steps_per_epoch == pytest.approx(
+        without_kl.flops_per_step * without_kl.steps_per_epoch + vh)
     assert main(["estimate", *keys, f"replay_dataset={tiny['data']}", "replay_ratio=0.5", "replay_kl_weight=1",
                  "replay_task_directions=4"]) == 0
     assert "replay_task_directions sums an (in x in) float64 input covariance per LoRA layer input over the task " \
         "and the replay rows" in capsys.readouterr().out
+
+
+def test_self_replay_rows_before_and_after_generation(tiny, tmp_path):
+    """Before the pool is generated each answer counts at its longest; once a run has cached it, its real lengths."""
+    from lorakit.estimate import dataset
+    from lorakit.estimate.plan import measured_data
+    from lorakit.train.self_replay import drawn_prompts, pool_file, replay_source
+
+    keys = {"model_name_or_path": tiny["model"], "dataset": tiny["data"], "self_replay": True, "replay_ratio": 0.5,
+            "self_replay_max_new_tokens": 8, "output_dir": str(tmp_path / "out")}
+    cfg, _ = config_for_keys(keys)
+    before = measured_data(cfg, amp=False)
+    assert before.replay_rows == 12 and before.replay_labels == 12 * 9  # 8 tokens and the end token each
+    assert "assumed 8 tokens long" in before.replay_source
+    tokenizer, _ = dataset.tokenizer_for(tiny["model"])
+    from lorakit.models import resolve_model
+
+    prompts = drawn_prompts(cfg, replay_source(cfg), 12)
+    path = pool_file(cfg, prompts, tokenizer, resolve_model(tiny["model"]), None)
+    path.parent.mkdir(parents=True)
+    pool = [{"messages": p + [{"role": "assistant", "content": "Yes."}]} for p in prompts]
+    path.write_text(json.dumps({"records": pool}))
+    after = measured_data(cfg, amp=False)
+    assert after.replay_rows == 12 and str(path) in after.replay_source
+    assert 0 < after.replay_labels < before.replay_labels and after.replay_tokens < before.replay_tokens

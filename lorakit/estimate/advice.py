@@ -91,7 +91,7 @@ def rank_advice(cfg: TrainConfig, data, shape) -> list[dict]:
     if cfg.finetuning_type in ("lora", "qlora") and not low <= cfg.lora_rank <= high:
         items.append({"advice": f"the config's lora_rank {cfg.lora_rank} is outside that range ({low}-{high})",
                       "source": "seed 004"})
-    items.append({"advice": f"{data.label_tokens:,d} label tokens over {n:,d} examples; quality over quantity: "
+    items.append({"advice": f"{data.task_label_tokens:,d} label tokens over {n:,d} examples; quality over quantity: "
                             "200 good examples with LoRA beat 10,000 poor ones with full fine-tuning",
                   "source": "seed 001"})
     return items

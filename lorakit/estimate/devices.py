@@ -19,9 +19,10 @@ import torch
 
 GIB = 2**30
 CUDA_CONTEXT_BYTES = 600 * 2**20
-# share of the device's matmul peak a training step reaches. CPU: what lorakit reached on this machine's alpaca
-# rows in bench/results/train.json (MFU fp32 60 %, bf16 40 %); GPU: an assumption for models of 1B parameters and
-# more (a 135M model leaves an H200 launch-bound, far below it)
+# share of the matmul rate a training step reaches. CPU: of the rate of the run's own matmul shapes at its typical
+# pass (`cpu_matmul_rate`), what lorakit reached on this machine's alpaca rows in bench/results/train.json (MFU fp32
+# 60 %, bf16 40 %, where those shapes run at the large-GEMM peak); GPU: of the datasheet peak, an assumption for
+# models of 1B parameters and more (a 135M model leaves an H200 launch-bound, far below it)
 EFFICIENCY = {("cpu", "fp32"): 0.55, ("cpu", "bf16"): 0.40, ("cuda", "fp32"): 0.40, ("cuda", "bf16"): 0.40}
 # a QLoRA step against a LoRA step on the same model: each matmul dequantizes its weight first (bench/results/
 # qlora.json: 1.21x in fp32, 1.13x in bf16 on this CPU)
@@ -40,6 +41,8 @@ class Device:
     """{"fp32": FLOP/s, "bf16": FLOP/s}; empty when unknown (a bare memory size)."""
     source: str
     """Where the figures come from."""
+    measured_here: bool = False
+    """This process's own CPU: matmul rates can be timed at a run's shapes (`cpu_matmul_rate`)."""
 
     def efficiency(self, precision: str) -> float:
         return EFFICIENCY[(self.kind, precision)]
@@ -83,7 +86,7 @@ def this_cpu() -> Device:
     if bf16_supported(torch.device("cpu")):
         peaks["bf16"] = cpu_gemm_peak(torch.bfloat16)
     return Device(f"this CPU ({os.cpu_count()} cores)", "cpu", memory, peaks,
-                  f"physical memory; GEMM peak measured now on {torch.get_num_threads()} threads")
+                  f"physical memory; GEMM peak measured now on {torch.get_num_threads()} threads", measured_here=True)
 
 
 @functools.cache
@@ -96,6 +99,31 @@ def cpu_gemm_peak(dtype: torch.dtype, n: int = 1024, seconds: float = 0.25) -> f
         t0 = time.perf_counter()
         a @ b
         best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
+def cpu_matmul_rate(dtype: torch.dtype, rows: int, shapes: tuple[tuple[int, int, int], ...],
+                    seconds: float = 0.03) -> float:
+    """FLOP/s of a pass's matmuls on this CPU in `dtype`: `rows` tokens through every (in, out, count) linear
+    shape, each timed as (rows x in) @ (in x out) (best of repeats for `seconds`), their FLOPs over their summed
+    times. A few hundred tokens per pass run these shapes well below the large-GEMM peak."""
+    flops = total = 0.0
+    for fan_in, fan_out, count in shapes:
+        best = _matmul_seconds(dtype, max(rows, 1), fan_in, fan_out, seconds)
+        flops += count * 2 * rows * fan_in * fan_out
+        total += count * best
+    return flops / total if total else 0.0
+
+
+@functools.cache
+def _matmul_seconds(dtype: torch.dtype, m: int, k: int, n: int, seconds: float) -> float:
+    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+    a @ b  # warm-up (oneDNN compiles a kernel for a new shape)
+    best, start = float("inf"), time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
     return best
 
 

@@ -9,6 +9,7 @@ Per token of a sequence of length S, over the layers the backward reaches and th
     gradient checkpointing:                                  the forward of the checkpointed layers once more
     output head, only on label tokens (V x H):               forward 2 V H, backward to the rows 2 V H (+ 2 V H
                                                              when the head trains)
+    the base's head on replay labels (replay_kl_weight):     forward 2 V H (its hidden states are kept)
 
 S is a packed example's own length (attention runs per example) or a padded row's width.
 """
@@ -47,6 +48,8 @@ def head_per_label(shape: ModelShape, run: Training) -> float:
 
 
 def epoch_flops(shape: ModelShape, cfg: TrainConfig, run: Training, computed_tokens: int, label_tokens: int,
-                seq_len: float) -> float:
-    """FLOPs of one pass over the data: every computed token through the decoder, every label through the head."""
-    return computed_tokens * per_token(shape, cfg, run, seq_len) + label_tokens * head_per_label(shape, run)
+                seq_len: float, kl_labels: int = 0) -> float:
+    """FLOPs of one pass over the data: every computed token through the decoder, every label through the head, and
+    the base's head on the `kl_labels` the KL term reads."""
+    return (computed_tokens * per_token(shape, cfg, run, seq_len) + label_tokens * head_per_label(shape, run)
+            + kl_labels * 2 * shape.vocab * shape.hidden)

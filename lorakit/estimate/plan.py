@@ -44,6 +44,8 @@ class Estimate:
     trained_params: int
     flops_per_token: float
     flops_per_step: float
+    rate: float | None
+    """FLOP/s the time is planned at, before the efficiency (see `matmul_rate`)."""
     tokens_per_s: float | None
     epoch_seconds: float | None
     run_seconds: float | None
@@ -111,8 +113,7 @@ def estimate(cfg: TrainConfig, device: Device | str | None = None, data: DataSiz
     bucket = shape_bucket(device.kind, torch.bfloat16 if amp else torch.float32)
     if data is None:
         if cfg.dataset and cfg.dataset != NO_DATA:
-            tokenizer, name = dataset.tokenizer_for(cfg.model_name_or_path)
-            data = dataset.measure(cfg, tokenizer, name)
+            data = measured_data(cfg, amp)
         else:
             data = dataset.assumed(cfg)
             notes.append(f"no data set: every micro-batch assumed full ({cfg.per_device_train_batch_size} x "
@@ -126,17 +127,26 @@ def estimate(cfg: TrainConfig, device: Device | str | None = None, data: DataSiz
     return result
 
 
+def measured_data(cfg: TrainConfig, amp: bool, records: list[dict] | None = None) -> DataSize:
+    """The data set as the trainer will see it (`dataset.measure`), replay rows included: a self-replay pool is looked
+    up under the run's model and autocast dtype."""
+    tokenizer, name = dataset.tokenizer_for(cfg.model_name_or_path)
+    from ..models import resolve_model
+
+    model_path = resolve_model(cfg.model_name_or_path) if cfg.self_replay and cfg.replay_ratio else None
+    amp_dtype = (torch.float16 if cfg.fp16 and not cfg.bf16 else torch.bfloat16) if amp else None
+    return dataset.measure(cfg, tokenizer, name, records, model_path, amp_dtype)
+
+
 def replay_notes(cfg: TrainConfig, data: DataSize) -> list[str]:
-    """What the estimate leaves out of a run with replay rows (their answers are only known once generated)."""
+    """Where the replay rows' counts come from, and what the estimate leaves out of a run with them."""
     if not cfg.replay_ratio or not data.measured:
         return []
-    from ..data.replay import replay_count
     from ..train.teacher import MAX_BYTES
 
-    rows = replay_count(data.examples, cfg.replay_ratio)
-    out = [f"not counted: replay_ratio {cfg.replay_ratio:g} adds {rows} replay rows to every epoch (the steps, "
-           f"tokens and time above are the {data.examples} task examples'; a run has about "
-           f"{1 + rows / max(data.examples, 1):.2f} times the steps)"]
+    out = [f"counted: {data.replay_rows} replay rows in every epoch (replay_ratio {cfg.replay_ratio:g}), their lengths "
+           f"from {data.replay_source}" + ("; the base's head on their labels for the KL term" if data.kl_labels
+                                           else "")]
     if cfg.self_replay:
         out.append("not counted: self_replay generates the replay answers with the base before training")
     if cfg.replay_kl_weight:
@@ -172,9 +182,9 @@ def _plan(shape: ModelShape, model: nn.Module, cfg: TrainConfig, device: Device,
         notes.append("no training setting lowers that load peak: the fp32 base alone does not fit this device")
     seq = data.tokens / max(data.examples, 1) if data.packed else ep.computed_tokens / max(len(data.lengths), 1)
     per_token = flops.per_token(shape, cfg, run, seq)
-    epoch_flops = flops.epoch_flops(shape, cfg, run, ep.computed_tokens, data.label_tokens, seq)
+    epoch_flops = flops.epoch_flops(shape, cfg, run, ep.computed_tokens, data.label_tokens, seq, data.kl_labels)
     steps = math.ceil(ep.micro_batches / cfg.gradient_accumulation_steps)
-    rate = device.peak_flops.get("bf16" if amp else "fp32")
+    rate = matmul_rate(device, shape, ep.typical_pass, amp)
     epoch_s = tokens_s = run_s = None
     if rate:
         epoch_s = epoch_flops / (rate * device.efficiency("bf16" if amp else "fp32"))
@@ -184,11 +194,27 @@ def _plan(shape: ModelShape, model: nn.Module, cfg: TrainConfig, device: Device,
         run_s = epoch_s * total_steps / max(steps, 1)
     method = cfg.finetuning_type + (f" on a {cfg.quantization_bit}-bit base" if cfg.quantization_bit else "")
     return Estimate(model=shape.name, method=method, device=device, precision="bf16 autocast" if amp else "fp32",
+                    rate=rate,
                     parts=parts, load_bytes=load, peak_bytes=peak, fits=peak <= device.memory_bytes,
                     workload=ep.worst, data=data, epoch=ep, params=shape.params,
                     trained_params=sum(run.trained.values()), flops_per_token=per_token,
                     flops_per_step=epoch_flops / max(steps, 1), tokens_per_s=tokens_s, epoch_seconds=epoch_s,
                     run_seconds=run_s, steps_per_epoch=steps, notes=notes)
+
+
+def matmul_rate(device: Device, shape: ModelShape, rows: int, amp: bool) -> float | None:
+    """FLOP/s the time is planned at: on this machine's CPU the run's own linear shapes at its typical pass, timed
+    now (`cpu_matmul_rate`); elsewhere the device's peak (None when unknown)."""
+    from .devices import cpu_matmul_rate
+
+    key = "bf16" if amp else "fp32"
+    if not (device.measured_here and key in device.peak_flops and shape.linears and rows):
+        return device.peak_flops.get(key)
+    counts: dict[tuple[int, int], int] = {}
+    for m in shape.linears:
+        counts[(m.in_features, m.out_features)] = counts.get((m.in_features, m.out_features), 0) + 1
+    shapes = tuple((k, n, c) for (k, n), c in sorted(counts.items()))
+    return cpu_matmul_rate(torch.bfloat16 if amp else torch.float32, rows, shapes)
 
 
 def config_for_keys(keys: dict):
@@ -214,9 +240,9 @@ def train_summary(cfg: TrainConfig, records: list[dict], device: torch.device) -
     from .report import gib, summary
 
     try:
-        tokenizer, name = dataset.tokenizer_for(cfg.model_name_or_path)
-        data = dataset.measure(cfg, tokenizer, name, records)
-        result = estimate(cfg, find_device(device.type), data)
+        found = find_device(device.type)
+        data = measured_data(cfg, precision(cfg, found)[0] == "bf16", records)
+        result = estimate(cfg, found, data)
     except (ValueError, OSError, RuntimeError) as exc:
         return [f"estimate: unavailable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"]
     lines = [summary(result)]

@@ -48,16 +48,20 @@ def table(est) -> str:
               f"  {est.flops_per_token / 1e9:,.2f} GFLOP per token, {est.flops_per_step / 1e12:,.3f} TFLOP per "
               f"optimizer step ({est.steps_per_epoch} steps per epoch)"]
     if est.tokens_per_s:
-        peak = est.device.peak_flops.get("bf16" if est.precision.startswith("bf16") else "fp32")
         eff = est.device.efficiency("bf16" if est.precision.startswith("bf16") else "fp32")
-        lines.append(f"  {est.tokens_per_s:,.0f} tokens/s = {peak / 1e12:,.2f} TFLOP/s peak ({est.device.source}) x "
+        what = (f"the model's matmul shapes at {est.epoch.typical_pass:,d} tokens per pass, timed now on this CPU"
+                if est.device.measured_here else f"peak, {est.device.source}")
+        lines.append(f"  {est.tokens_per_s:,.0f} tokens/s = {est.rate / 1e12:,.2f} TFLOP/s ({what}) x "
                      f"{eff:.0%} efficiency")
         what = "the data set" if est.data.measured else "one assumed step"
         lines.append(f"  one epoch of {what}: {duration(est.epoch_seconds)}; the run: {duration(est.run_seconds)}")
     if est.data.measured:
         d = est.data
-        lines.append(f"data: {d.examples:,d} examples, {d.tokens:,d} tokens, {d.label_tokens:,d} with loss "
+        lines.append(f"data: {d.examples:,d} examples, {d.task_tokens:,d} tokens, {d.task_label_tokens:,d} with loss "
                      f"(tokenizer: {d.tokenizer})")
+        if d.replay_rows:
+            lines.append(f"replay: {d.replay_rows:,d} rows per epoch, {d.replay_tokens:,d} tokens, "
+                         f"{d.replay_labels:,d} with loss (from {d.replay_source})")
     if est.changes:
         lines += ["", "does not fit; what to change (seed 000's order), each planned again:"]
         for c in est.changes:
@@ -82,10 +86,13 @@ def as_json(est) -> dict:
             "largest_pass": {"rows": w.rows, "width": w.width, "labels": w.labels, "packed": w.packed},
             "params": est.params, "trained_params": est.trained_params,
             "flops_per_token": est.flops_per_token, "flops_per_step": est.flops_per_step,
+            "matmul_flops_per_s": est.rate, "typical_pass_tokens": est.epoch.typical_pass,
             "tokens_per_s": est.tokens_per_s, "epoch_seconds": est.epoch_seconds, "run_seconds": est.run_seconds,
             "steps_per_epoch": est.steps_per_epoch,
-            "data": {"measured": est.data.measured, "examples": est.data.examples, "tokens": est.data.tokens,
-                     "label_tokens": est.data.label_tokens, "tokenizer": est.data.tokenizer},
+            "data": {"measured": est.data.measured, "examples": est.data.examples, "tokens": est.data.task_tokens,
+                     "label_tokens": est.data.task_label_tokens, "tokenizer": est.data.tokenizer,
+                     "replay_rows": est.data.replay_rows, "replay_tokens": est.data.replay_tokens,
+                     "replay_label_tokens": est.data.replay_labels, "replay_source": est.data.replay_source},
             "changes": [{**c, "peak_bytes": int(c["peak_bytes"]), "saves_bytes": int(c["saves_bytes"])}
                         for c in est.changes],
             "advice": est.advice, "notes": est.notes}

@@ -69,14 +69,12 @@ def build_replay(cfg: TrainConfig, source: ReplaySource | None, model, tokenizer
         return None
     if not cfg.self_replay:
         return Replay(source.records, f"replay pool: the {len(source.records)} records of {source.name}")
-    prompts, of = source.prompts, ""
-    if rows is not None and rows < len(prompts):
-        prompts = [prompts[i] for i in sorted(sample_rows(list(range(len(prompts))), rows, cfg.seed))]
-        of = f" (a seeded draw of the {len(prompts)} this run replays, of {len(source.prompts)})"
+    prompts = drawn_prompts(cfg, source, rows)
+    of = f" (a seeded draw of the {len(prompts)} this run replays, of {len(source.prompts)})" \
+        if len(prompts) < len(source.prompts) else ""
     template = get_template(cfg.template, tokenizer)
-    template_id = cfg.template or getattr(tokenizer, "chat_template", None) or ""
-    key = cache_key(model_path, prompts, template_id, cfg.self_replay_max_new_tokens, amp_dtype)
-    path = cache_path(cfg.output_dir, key)
+    path = pool_file(cfg, prompts, tokenizer, model_path, amp_dtype)
+    key = path.stem.removeprefix("self-replay-")
     if path.is_file():
         cached = json.loads(path.read_text(encoding="utf-8"))
         how = f"read from {path}"
@@ -95,6 +93,23 @@ def build_replay(cfg: TrainConfig, source: ReplaySource | None, model, tokenizer
                            f"{source.name}{of}; {len(records)} kept (whole sentences within "
                            f"{cfg.self_replay_max_new_tokens} tokens) "
                            f"({how})")
+
+
+def drawn_prompts(cfg: TrainConfig, source: ReplaySource, rows: int | None) -> list[list[dict]]:
+    """The prompts self-replay answers: all of them, or, when the run draws fewer `rows`, a seeded draw of that
+    many (`sample_rows`, the run's seed), in their order."""
+    prompts = source.prompts
+    if rows is not None and rows < len(prompts):
+        prompts = [prompts[i] for i in sorted(sample_rows(list(range(len(prompts))), rows, cfg.seed))]
+    return prompts
+
+
+def pool_file(cfg: TrainConfig, prompts: list[list[dict]], tokenizer, model_path: Path,
+              amp_dtype: torch.dtype | None) -> Path:
+    """Where the self-replay pool of these prompts is cached (it may not exist yet)."""
+    template_id = cfg.template or getattr(tokenizer, "chat_template", None) or ""
+    return cache_path(cfg.output_dir, cache_key(model_path, prompts, template_id, cfg.self_replay_max_new_tokens,
+                                                amp_dtype))
 
 
 def answer_prompts(model, tokenizer, template, prompts: list[list[dict]], max_new_tokens: int,
