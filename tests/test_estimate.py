@@ -231,7 +231,7 @@ def test_self_replay_rows_before_and_after_generation(tiny, tmp_path):
     cfg, _ = config_for_keys(keys)
     before = measured_data(cfg, amp=False)
     assert before.replay_rows == 12 and before.replay_labels == 12 * 9  # 8 tokens and the end token each
-    assert "assumed 8 tokens long" in before.replay_source
+    assert "not generated yet" in before.replay_source and "self_replay_max_new_tokens 8" in before.replay_source
     tokenizer, _ = dataset.tokenizer_for(tiny["model"])
     from lorakit.models import resolve_model
 

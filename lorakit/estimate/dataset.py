@@ -167,8 +167,8 @@ def replay_pool(cfg: TrainConfig, tokenizer, n_task: int, model_path, amp_dtype)
                      model_path, amp_dtype) if model_path is not None else None
     if path is not None and path.is_file():
         return Replay(json.loads(path.read_text(encoding="utf-8"))["records"]), f"the cached self-replay pool {path}"
-    return None, (f"self-replay answers assumed {cfg.self_replay_max_new_tokens} tokens long "
-                  "(self_replay_max_new_tokens; not generated yet)")
+    return None, (f"self-replay answers not generated yet, each assumed at its longest, "
+                  f"self_replay_max_new_tokens {cfg.self_replay_max_new_tokens}")
 
 
 def assumed_answers(cfg: TrainConfig, tokenizer, n_task: int) -> list[dict]:

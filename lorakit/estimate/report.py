@@ -61,7 +61,7 @@ def table(est) -> str:
                      f"(tokenizer: {d.tokenizer})")
         if d.replay_rows:
             lines.append(f"replay: {d.replay_rows:,d} rows per epoch, {d.replay_tokens:,d} tokens, "
-                         f"{d.replay_labels:,d} with loss (from {d.replay_source})")
+                         f"{d.replay_labels:,d} with loss; lengths from {d.replay_source}")
     if est.changes:
         lines += ["", "does not fit; what to change (seed 000's order), each planned again:"]
         for c in est.changes:
