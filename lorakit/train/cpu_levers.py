@@ -12,8 +12,8 @@
                           fp32 (`attention.use_cpu_attention`)
 
 Each lever leaves the loss and the gradient as they were, up to rounding (fp32 attention rounds less than bf16;
-tests/test_fast_paths.py); what each is worth is measured
-in bench/bench_levers.py and bench/bench_train.py and quoted in the README, not here.
+tests/test_fast_paths.py); what each is worth is measured in bench/bench_levers.py and bench/bench_train.py and
+quoted in the README, not here.
 """
 
 from __future__ import annotations
