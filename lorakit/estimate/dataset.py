@@ -136,19 +136,20 @@ def measure(cfg: TrainConfig, tokenizer, name: str, records: list[dict] | None =
     if pool is None and cfg.replay_ratio:  # self-replay not generated yet: its answers at their longest
         data = prepare_data(cfg, records, tokenizer, task=task)
         extra = assumed_answers(cfg, tokenizer, n_task)
+        rows = len(extra)
         if data.packed:  # rows packed without the replay rows: counted alone (an upper bound either way)
             extra = pack_examples(extra, cfg.cutoff_len)
         items = data.items + extra
     else:
         data = prepare_data(cfg, records, tokenizer, pool, task)
-        items = data.items
+        items, rows = data.items, data.n_train - n_task  # the drawn rows that kept something to learn
     lengths = [len(it["input_ids"]) for it in items]
     labels = [sum(1 for x in it["labels"][1:] if x != IGNORE_INDEX) for it in items]
     task_tokens = sum(len(it["input_ids"]) for it in task.train)
     task_labels = sum(sum(1 for x in it["labels"][1:] if x != IGNORE_INDEX) for it in task.train)
     marked = sum(n for it, n in zip(items, labels) if it.get("replay") is True)  # what the KL term reads
     return DataSize(lengths, labels, n_task, data.packed, measured=True, tokenizer=name,
-                    replay_rows=replay_count(n_task, cfg.replay_ratio) if cfg.replay_ratio else 0,
+                    replay_rows=rows,
                     replay_tokens=max(sum(lengths) - task_tokens, 0), replay_labels=max(sum(labels) - task_labels, 0),
                     kl_labels=marked if cfg.replay_kl_weight else 0, replay_source=source)
 
