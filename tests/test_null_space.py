@@ -114,8 +114,16 @@ def test_resume_equals_uninterrupted(setup):
      "replay_null_space cannot be combined with use_dora"),
     (["replay_null_space=0.9", "self_replay=true", "replay_ratio=0.3", "packing=true"],
      "replay_null_space needs rows that are not packed"),
+    (["replay_task_directions=-1", "self_replay=true", "replay_ratio=0.3"],
+     "replay_task_directions must be a whole number of directions >= 0, got -1"),
+    (["replay_task_directions=1.5", "self_replay=true", "replay_ratio=0.3"], "replay_task_directions must be int"),
+    (["replay_task_directions=8", "replay_null_space=0.9", "self_replay=true", "replay_ratio=0.3"],
+     "replay_null_space and replay_task_directions are two ways to confine LoRA A; set one of them"),
+    (["replay_task_directions=8"], "replay_task_directions is set but replay_ratio is 0"),
+    (["replay_task_directions=8", "self_replay=true", "replay_ratio=0.3", "use_dora=true"],
+     "replay_task_directions cannot be combined with use_dora"),
 ])
-def test_bad_null_space_settings_are_one_line_config_errors(overrides, message):
+def test_bad_null_space_and_task_direction_settings_are_one_line_config_errors(overrides, message):
     with pytest.raises(ConfigError) as caught:
         load_config(None, ["dataset=x", *overrides])
     assert message in str(caught.value) and "\n" not in str(caught.value)
@@ -177,22 +185,6 @@ def test_a_run_keeps_every_a_in_the_task_directions_and_says_so(setup, capsys):
     assert seen["widths"] == {4} and seen["off"] < 1e-5
     state = load_file(str(setup["root"] / "task" / "adapter_model.safetensors"))
     assert any(float(t.abs().max()) > 1e-4 for k, t in state.items() if "lora_B" in k)
-
-
-@pytest.mark.parametrize("overrides, message", [
-    (["replay_task_directions=-1", "self_replay=true", "replay_ratio=0.3"],
-     "replay_task_directions must be a whole number of directions >= 0, got -1"),
-    (["replay_task_directions=1.5", "self_replay=true", "replay_ratio=0.3"], "replay_task_directions must be int"),
-    (["replay_task_directions=8", "replay_null_space=0.9", "self_replay=true", "replay_ratio=0.3"],
-     "replay_null_space and replay_task_directions are two ways to confine LoRA A; set one of them"),
-    (["replay_task_directions=8"], "replay_task_directions is set but replay_ratio is 0"),
-    (["replay_task_directions=8", "self_replay=true", "replay_ratio=0.3", "use_dora=true"],
-     "replay_task_directions cannot be combined with use_dora"),
-])
-def test_bad_task_direction_settings_are_one_line_config_errors(overrides, message):
-    with pytest.raises(ConfigError) as caught:
-        load_config(None, ["dataset=x", *overrides])
-    assert message in str(caught.value) and "\n" not in str(caught.value)
 
 
 def test_task_directions_as_wide_as_a_layer_input_are_refused(setup):

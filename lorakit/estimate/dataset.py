@@ -26,6 +26,7 @@ from ..data.replay import Replay, replay_count, sample_rows
 from ..train.config import TrainConfig
 from ..train.cpu_levers import CPU_PIECE_TOKENS, CPU_SPLIT_ABOVE
 from ..train.prepare import prepare_data, task_data
+from ..train.self_replay import drawn_prompts, pool_file, replay_source
 from .memory import Workload
 
 
@@ -132,10 +133,13 @@ def measure(cfg: TrainConfig, tokenizer, name: str, records: list[dict] | None =
         records = load_records(cfg.dataset, cfg.dataset_dir, cfg.stage, cfg.max_samples)
     task = task_data(cfg, records, tokenizer)
     n_task = len(task.train)
-    pool, source = replay_pool(cfg, tokenizer, n_task, model_path, amp_dtype)
-    if pool is None and cfg.replay_ratio:  # self-replay not generated yet: its answers at their longest
+    source = replay_source(cfg) if cfg.replay_ratio else None
+    prompts = drawn_prompts(cfg, source, replay_count(n_task, cfg.replay_ratio)) if source and cfg.self_replay \
+        else []
+    pool, where = replay_pool(cfg, source, prompts, tokenizer, model_path, amp_dtype)
+    if source is not None and pool is None:  # self-replay not generated yet: its answers at their longest
         data = prepare_data(cfg, records, tokenizer, task=task)
-        extra = assumed_answers(cfg, tokenizer, n_task)
+        extra = assumed_answers(cfg, prompts, tokenizer, n_task)
         rows = len(extra)
         if data.packed:  # rows packed without the replay rows: counted alone (an upper bound either way)
             extra = pack_examples(extra, cfg.cutoff_len)
@@ -148,38 +152,32 @@ def measure(cfg: TrainConfig, tokenizer, name: str, records: list[dict] | None =
     task_tokens = sum(len(it["input_ids"]) for it in task.train)
     task_labels = sum(sum(1 for x in it["labels"][1:] if x != IGNORE_INDEX) for it in task.train)
     marked = sum(n for it, n in zip(items, labels) if it.get("replay") is True)  # what the KL term reads
-    return DataSize(lengths, labels, n_task, data.packed, measured=True, tokenizer=name,
-                    replay_rows=rows,
+    return DataSize(lengths, labels, n_task, data.packed, measured=True, tokenizer=name, replay_rows=rows,
                     replay_tokens=max(sum(lengths) - task_tokens, 0), replay_labels=max(sum(labels) - task_labels, 0),
-                    kl_labels=marked if cfg.replay_kl_weight else 0, replay_source=source)
+                    kl_labels=marked if cfg.replay_kl_weight else 0, replay_source=where)
 
 
-def replay_pool(cfg: TrainConfig, tokenizer, n_task: int, model_path, amp_dtype) -> tuple[Replay | None, str]:
-    """(the pool the trainer would mix in, where it comes from); (None, "") without replay, and (None, why) for
-    self-replay that has not been generated yet."""
-    from ..train.self_replay import drawn_prompts, pool_file, replay_source
-
-    if not cfg.replay_ratio:
+def replay_pool(cfg: TrainConfig, source, prompts: list[list[dict]], tokenizer, model_path,
+                amp_dtype) -> tuple[Replay | None, str]:
+    """(the pool the trainer would mix in, where it comes from); (None, "") without replay (`source` None), and
+    (None, why) for self-replay of `prompts` that has not been generated yet."""
+    if source is None:
         return None, ""
-    source = replay_source(cfg)
     if not cfg.self_replay:
         return Replay(source.records), f"the records of {source.name}"
-    path = pool_file(cfg, drawn_prompts(cfg, source, replay_count(n_task, cfg.replay_ratio)), tokenizer,
-                     model_path, amp_dtype) if model_path is not None else None
+    path = pool_file(cfg, prompts, tokenizer, model_path, amp_dtype) if model_path is not None else None
     if path is not None and path.is_file():
         return Replay(json.loads(path.read_text(encoding="utf-8"))["records"]), f"the cached self-replay pool {path}"
     return None, (f"self-replay answers not generated yet, each assumed at its longest, "
                   f"self_replay_max_new_tokens {cfg.self_replay_max_new_tokens}")
 
 
-def assumed_answers(cfg: TrainConfig, tokenizer, n_task: int) -> list[dict]:
-    """Self-replay rows before generation: each drawn prompt with an answer of self_replay_max_new_tokens tokens
-    and its end token, all of them labels."""
+def assumed_answers(cfg: TrainConfig, prompts: list[list[dict]], tokenizer, n_task: int) -> list[dict]:
+    """Self-replay rows before generation: the run's draw of `prompts`, each with an answer of
+    self_replay_max_new_tokens tokens and its end token, all of them labels."""
     from ..data import get_template
-    from ..train.self_replay import drawn_prompts, replay_source
 
     rows = replay_count(n_task, cfg.replay_ratio)
-    prompts = drawn_prompts(cfg, replay_source(cfg), rows)
     template = get_template(cfg.template, tokenizer)
     answer = cfg.self_replay_max_new_tokens + 1
     out = []
@@ -190,24 +188,22 @@ def assumed_answers(cfg: TrainConfig, tokenizer, n_task: int) -> list[dict]:
     return out
 
 
-def model_folder(model_name_or_path: str | None) -> Path:
-    """The folder the trainer loads the model from (a GGUF file's converted folder; the embedded default's)."""
-    from ..models import resolve_model
-
-    text = (model_name_or_path or "").strip()
-    path = Path(text).expanduser() if text else None
-    if path is not None and path.exists() and path.suffix.lower() != ".gguf":
-        return path.parent if path.is_file() else path
-    return resolve_model(text or None)
-
-
 def tokenizer_for(model_name_or_path: str | None):
     """(tokenizer, its name): the model's own when its folder has one, else the embedded default's."""
     from transformers import AutoTokenizer
 
     from ..models import resolve_model
 
-    folder = model_folder(model_name_or_path)
+    text = (model_name_or_path or "").strip()
+    path = Path(text).expanduser() if text else None
+    if path is not None and path.exists():
+        folder = path.parent if path.is_file() else path
+        if path.suffix.lower() == ".gguf":
+            folder = resolve_model(text)
+    elif text:
+        folder = resolve_model(text)  # a hub id in the local cache, or the default by name
+    else:
+        folder = resolve_model(None)  # the embedded default, converted once as `lorakit train` would
     if any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         return AutoTokenizer.from_pretrained(folder, local_files_only=True), "the model's own"
     default = resolve_model(None)

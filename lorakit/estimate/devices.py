@@ -109,7 +109,7 @@ def cpu_matmul_rate(dtype: torch.dtype, rows: int, shapes: tuple[tuple[int, int,
     times. A few hundred tokens per pass run these shapes well below the large-GEMM peak."""
     flops = total = 0.0
     for fan_in, fan_out, count in shapes:
-        best = _matmul_seconds(dtype, max(rows, 1), fan_in, fan_out, seconds)
+        best = _matmul_seconds(dtype, rows, fan_in, fan_out, seconds)
         flops += count * 2 * rows * fan_in * fan_out
         total += count * best
     return flops / total if total else 0.0

@@ -130,9 +130,9 @@ def estimate(cfg: TrainConfig, device: Device | str | None = None, data: DataSiz
 def measured_data(cfg: TrainConfig, amp: bool, records: list[dict] | None = None) -> DataSize:
     """The data set as the trainer will see it (`dataset.measure`), replay rows included: a self-replay pool is looked
     up under the run's model and autocast dtype."""
-    tokenizer, name = dataset.tokenizer_for(cfg.model_name_or_path)
     from ..models import resolve_model
 
+    tokenizer, name = dataset.tokenizer_for(cfg.model_name_or_path)
     model_path = resolve_model(cfg.model_name_or_path) if cfg.self_replay and cfg.replay_ratio else None
     amp_dtype = (torch.float16 if cfg.fp16 and not cfg.bf16 else torch.bfloat16) if amp else None
     return dataset.measure(cfg, tokenizer, name, records, model_path, amp_dtype)

@@ -73,8 +73,8 @@ def build_replay(cfg: TrainConfig, source: ReplaySource | None, model, tokenizer
     of = f" (a seeded draw of the {len(prompts)} this run replays, of {len(source.prompts)})" \
         if len(prompts) < len(source.prompts) else ""
     template = get_template(cfg.template, tokenizer)
-    path = pool_file(cfg, prompts, tokenizer, model_path, amp_dtype)
-    key = path.stem.removeprefix("self-replay-")
+    key = pool_key(cfg, prompts, tokenizer, model_path, amp_dtype)
+    path = cache_path(cfg.output_dir, key)
     if path.is_file():
         cached = json.loads(path.read_text(encoding="utf-8"))
         how = f"read from {path}"
@@ -104,12 +104,17 @@ def drawn_prompts(cfg: TrainConfig, source: ReplaySource, rows: int | None) -> l
     return prompts
 
 
+def pool_key(cfg: TrainConfig, prompts: list[list[dict]], tokenizer, model_path: Path,
+             amp_dtype: torch.dtype | None) -> str:
+    """The cache key of the self-replay pool of these prompts for this run (`cache_key`)."""
+    template_id = cfg.template or getattr(tokenizer, "chat_template", None) or ""
+    return cache_key(model_path, prompts, template_id, cfg.self_replay_max_new_tokens, amp_dtype)
+
+
 def pool_file(cfg: TrainConfig, prompts: list[list[dict]], tokenizer, model_path: Path,
               amp_dtype: torch.dtype | None) -> Path:
     """Where the self-replay pool of these prompts is cached (it may not exist yet)."""
-    template_id = cfg.template or getattr(tokenizer, "chat_template", None) or ""
-    return cache_path(cfg.output_dir, cache_key(model_path, prompts, template_id, cfg.self_replay_max_new_tokens,
-                                                amp_dtype))
+    return cache_path(cfg.output_dir, pool_key(cfg, prompts, tokenizer, model_path, amp_dtype))
 
 
 def answer_prompts(model, tokenizer, template, prompts: list[list[dict]], max_new_tokens: int,
