@@ -243,3 +243,14 @@ def test_self_replay_rows_before_and_after_generation(tiny, tmp_path):
     after = measured_data(cfg, amp=False)
     assert after.replay_rows == 12 and str(path) in after.replay_source
     assert 0 < after.replay_labels < before.replay_labels and after.replay_tokens < before.replay_tokens
+
+
+def test_cpu_matmul_rate_times_capped_shapes(monkeypatch):
+    """A big model's shapes are timed at capped sizes (seconds, not a minute and gigabytes), weighted by count."""
+    from lorakit.estimate import devices
+
+    timed = []
+    monkeypatch.setattr(devices, "_matmul_seconds", lambda dtype, m, k, n, s: timed.append((m, k, n)) or 1e-3)
+    rate = devices.cpu_matmul_rate(torch.float32, 4096, ((8192, 28672, 80), (576, 192, 2)))
+    assert timed == [(1024, 2048, 2048), (1024, 576, 192)]
+    assert rate == pytest.approx((80 * 2 * 1024 * 2048 * 2048 + 2 * 2 * 1024 * 576 * 192) / (82 * 1e-3))

@@ -102,16 +102,21 @@ def cpu_gemm_peak(dtype: torch.dtype, n: int = 1024, seconds: float = 0.25) -> f
     return best
 
 
+TIMED_UP_TO = 2048  # cpu_matmul_rate times at most 1024 rows and 2048 x 2048 weights
+
+
 def cpu_matmul_rate(dtype: torch.dtype, rows: int, shapes: tuple[tuple[int, int, int], ...],
                     seconds: float = 0.03) -> float:
     """FLOP/s of a pass's matmuls on this CPU in `dtype`: `rows` tokens through every (in, out, count) linear
-    shape, each timed as (rows x in) @ (in x out) (best of repeats for `seconds`), their FLOPs over their summed
-    times. A few hundred tokens per pass run these shapes well below the large-GEMM peak."""
+    shape, each timed as (rows x in) @ (in x out) (best of repeats for `seconds`; dimensions capped at TIMED_UP_TO),
+    their FLOPs over their summed times. A few hundred tokens per pass run these shapes below the large-GEMM peak."""
     flops = total = 0.0
     for fan_in, fan_out, count in shapes:
-        best = _matmul_seconds(dtype, rows, fan_in, fan_out, seconds)
-        flops += count * 2 * rows * fan_in * fan_out
-        total += count * best
+        # a dimension past TIMED_UP_TO runs at the rate of its capped size (large matmuls are at the peak already):
+        # timing a 70B model's real shapes would take a minute and gigabytes
+        m, k, n = min(rows, TIMED_UP_TO // 2), min(fan_in, TIMED_UP_TO), min(fan_out, TIMED_UP_TO)
+        flops += count * 2 * m * k * n
+        total += count * _matmul_seconds(dtype, m, k, n, seconds)
     return flops / total if total else 0.0
 
 
